@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The one shell entry point of the CALM pipeline.
+#
+#   bash run.sh setup                       create .venv/ and install the pinned requirements
+#   bash run.sh prep [data_prep args]       corpora -> tokenizer + webdataset shards
+#   bash run.sh train --stage S --config P [key=value ...]
+#   bash run.sh eval [evaluation args]      BrierLM / reconstruction of exported models
+#   bash run.sh report [report args]        report.md + plots from several runs
+#   bash run.sh generate --model DIR --prompt "..."
+#   bash run.sh quickstart                  the whole job on a tiny offline default
+#   bash run.sh test [pytest args]          setup, then the test suite
+#
+# Launching `train` (and distributed `eval`) is driven by environment variables:
+#   NPROC=N                       processes on this node (default 1; GPUs on a GPU node)
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node through torchrun (static rendezvous)
+#   LAUNCHER=torchrun|deepspeed|slurm|python       (default: python for 1 process, else torchrun)
+#   HOSTFILE=path                 with LAUNCHER=deepspeed: a DeepSpeed hostfile
+#   Under SLURM (LAUNCHER=slurm, inside sbatch): one torchrun per node via srun, NNODES, NODE_RANK
+#   and MASTER_ADDR taken from SLURM_* variables.
+#   WANDB_API_KEY / WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY and NCCL_* are exported to every node.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+TORCH_VERSION="2.13.0"
+
+log() { printf '[run.sh] %s\n' "$*" >&2; }
+die() { printf '[run.sh] error: %s\n' "$*" >&2; exit 1; }
+
+setup() {
+  local stamp="$VENV/.requirements.sha256"
+  local want
+  want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+  if [[ -x "$PY" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    return 0
+  fi
+  command -v python3 >/dev/null || die "python3 not found (Python 3.11 is required)"
+  if [[ ! -x "$PY" ]]; then
+    log "creating $VENV"
+    python3 -m venv "$VENV" || die "python3 -m venv failed (on Debian: apt-get install python3-venv)"
+  fi
+  log "installing torch==$TORCH_VERSION, then requirements.txt with torch pinned"
+  "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  "$PY" -m pip install -q "torch==$TORCH_VERSION"
+  "$PY" -m pip install -q -r requirements.txt -c <(echo "torch==$TORCH_VERSION")
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    # flash-attn only builds against CUDA; without it the models fall back to SDPA.
+    log "CUDA present: installing the optional flash-attn extra"
+    "$PY" -m pip install -q flash-attn==2.8.3.post2 --no-build-isolation \
+      -c <(echo "torch==$TORCH_VERSION") || log "flash-attn failed to install; SDPA will be used"
+  fi
+  echo "$want" >"$stamp"
+  log "environment ready in $VENV"
+}
+
+# Sensible CPU threading: one thread per core share per rank unless the user set it.
+cpu_threads() {
+  local nproc_local="${NPROC:-1}" cores
+  cores="$(nproc)"
+  echo $(( cores / nproc_local > 0 ? cores / nproc_local : 1 ))
+}
+
+export_common_env() {
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(cpu_threads)}"
+  export PYTHONUNBUFFERED=1
+  export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+  # glibc keeps freed memory instead of returning it each step (see shared design notes).
+  export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-17179869184}"
+  export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-17179869184}"
+  if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"; fi
+}
+
+# Launch `python -m MODULE ARGS...` under the launcher chosen by the environment.
+launch() {
+  local module="$1"; shift
+  local nproc="${NPROC:-1}" nnodes="${NNODES:-1}" node_rank="${NODE_RANK:-0}"
+  local addr="${MASTER_ADDR:-127.0.0.1}" port="${MASTER_PORT:-29500}"
+  local launcher="${LAUNCHER:-}"
+  if [[ -z "$launcher" ]]; then
+    if [[ "$nproc" == 1 && "$nnodes" == 1 ]]; then launcher=python; else launcher=torchrun; fi
+  fi
+  export_common_env
+  case "$launcher" in
+    python)
+      exec "$PY" -m "$module" "$@" ;;
+    torchrun)
+      exec "$VENV/bin/torchrun" --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc" \
+        --master_addr "$addr" --master_port "$port" -m "$module" "$@" ;;
+    deepspeed)
+      local args=(--master_addr "$addr" --master_port "$port")
+      if [[ -n "${HOSTFILE:-}" ]]; then
+        args+=(--hostfile "$HOSTFILE" --num_nodes "$nnodes" --node_rank "$node_rank" --no_ssh)
+      fi
+      exec "$VENV/bin/deepspeed" --num_gpus "$nproc" "${args[@]}" --module "$module" "$@" ;;
+    slurm)
+      [[ -n "${SLURM_JOB_ID:-}" ]] || die "LAUNCHER=slurm must run inside a SLURM allocation (sbatch/salloc)"
+      local head
+      head="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+      export MASTER_ADDR="$head" MASTER_PORT="$port"
+      # srun starts one torchrun per node; each reads its node rank from SLURM_NODEID.
+      exec srun --nodes "$SLURM_JOB_NUM_NODES" --ntasks-per-node 1 --export=ALL bash -c \
+        "exec '$VENV/bin/torchrun' --nnodes '$SLURM_JOB_NUM_NODES' --node_rank \"\$SLURM_NODEID\" \
+         --nproc_per_node '$nproc' --master_addr '$head' --master_port '$port' -m '$module' $(printf '%q ' "$@")" ;;
+    *)
+      die "unknown LAUNCHER=$launcher (torchrun, deepspeed, slurm or python)" ;;
+  esac
+}
+
+cmd="${1:-help}"
+[[ $# -gt 0 ]] && shift
+case "$cmd" in
+  setup)
+    setup ;;
+  prep)
+    setup; export_common_env; exec "$PY" -m data_prep "$@" ;;
+  train)
+    setup; launch pretrain "$@" ;;
+  eval)
+    setup; launch evaluation "$@" ;;
+  report)
+    setup; export_common_env; exec "$PY" -m evaluation.report "$@" ;;
+  generate)
+    setup; export_common_env; exec "$PY" -m evaluation.generate "$@" ;;
+  quickstart)
+    setup; export_common_env; exec "$PY" -m quickstart "$@" ;;
+  test)
+    setup; export_common_env; export OMP_NUM_THREADS=1
+    exec "$PY" -m pytest "$@" ;;
+  help|-h|--help)
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *)
+    die "unknown command '$cmd' (try: bash run.sh help)" ;;
+esac
