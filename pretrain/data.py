@@ -1,0 +1,227 @@
+"""Training-side reader of the shards made by `python -m data_prep`: exact, resumable, rank-aware.
+
+`ShardLoader` indexes every sample of a split globally (sample counts come from the manifest) and
+reads them straight from the tar files through a memory map, so nothing is loaded up front and any
+sample is one slice away. Each epoch is a permutation of all samples drawn from (seed, epoch); a
+step takes the next `batch_size * world_size` samples of it and rank r gets the r-th slice. The state
+is just (epoch, samples consumed in the epoch), so a restored loader continues with exactly the
+samples an uninterrupted run would have read; at another world size or batch size it continues at
+the same sample, only the grouping of the following samples into batches changes.
+
+Use it directly rather than inside torch DataLoader workers: a read is a memory-map slice, and the
+resume state lives in this object. Every shard is checked before use: its size at construction, its
+sha256 (against the manifest) and tar structure when first opened. A truncated or altered shard
+raises `ShardError` naming the file.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.manifest import ManifestError, check_compatible, read_manifest
+from data_prep.tokenizer import tokenizer_sha256
+
+__all__ = ["ShardLoader", "ShardError", "ManifestError", "read_manifest", "load_tokenizer", "check_compatible"]
+OPEN_SHARDS = 128  # memory maps kept open at once; each holds a file descriptor
+
+
+class ShardError(RuntimeError):
+    """A shard is missing, truncated or corrupted; the message names the file."""
+
+
+def load_tokenizer(data_dir):
+    """The tokenizer the shards were made with, checked against the manifest's hash."""
+    from transformers import AutoTokenizer
+
+    manifest = read_manifest(data_dir)
+    entry = manifest["tokenizer"]
+    directory = Path(data_dir) / entry["path"]
+    if not directory.is_dir():
+        raise ManifestError(f"tokenizer directory {directory} is missing")
+    if tokenizer_sha256(directory) != entry["sha256"]:
+        raise ManifestError(f"tokenizer files in {directory} differ from the ones recorded in the manifest "
+                            "(sha256 mismatch); the token ids of the shards would be misread")
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+class _Shard:
+    """Checks one tar and indexes its blocks; the memory map is opened on demand and may be dropped."""
+
+    def __init__(self, path: Path, entry: dict, block_len: int, dtype: np.dtype, verify: bool):
+        self.path, self.dtype, self.nbytes = path, dtype, block_len * dtype.itemsize
+        if verify:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != entry["sha256"]:
+                raise ShardError(f"shard {path} is corrupted: sha256 {digest.hexdigest()} differs from the "
+                                 f"manifest's {entry['sha256']}; re-run data_prep to rebuild it")
+        try:
+            with tarfile.open(path, "r:") as tar:
+                members = tar.getmembers()
+                first = tar.extractfile(members[0]).read(4096) if members else b""
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ShardError(f"shard {path} is truncated or not a tar file: {e}") from e
+        if len(members) != entry["samples"]:
+            raise ShardError(f"shard {path} holds {len(members)} samples, the manifest says {entry['samples']}")
+        header = self._npy_header(members[0].name, first, block_len, dtype)
+        if any(m.size != header + self.nbytes for m in members):
+            raise ShardError(f"shard {path} has members of unexpected size (want {header + self.nbytes} bytes each)")
+        self.offsets = np.array([m.offset_data + header for m in members], dtype=np.int64)
+        self.map: np.memmap | None = None
+
+    def _npy_header(self, name: str, first: bytes, block_len: int, dtype: np.dtype) -> int:
+        raw = io.BytesIO(first)
+        try:
+            version = np.lib.format.read_magic(raw)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, found = read_header(raw)
+        except ValueError as e:
+            raise ShardError(f"shard {self.path}: member {name} is not a .npy array: {e}") from e
+        if shape != (block_len,) or found != dtype or fortran:
+            raise ShardError(f"shard {self.path}: member {name} is {found}{shape}, "
+                             f"the manifest says {dtype}({block_len},)")
+        return raw.tell()
+
+    def read(self, j: int) -> np.ndarray:
+        if self.map is None:
+            self.map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        off = self.offsets[j]
+        return self.map[off : off + self.nbytes].view(self.dtype)
+
+
+class ShardLoader:
+    """Yields `torch.LongTensor (batch_size, block_len)` batches of one split for one rank.
+
+    epochs=None loops forever (training); epochs=1 is a single pass (validation). With
+    drop_last=True every batch is full and the last incomplete global batch of an epoch is skipped
+    (a different one each epoch when shuffling); with False the tail is spread over the ranks, so
+    the last batch can be smaller (or absent on some ranks).
+    """
+
+    def __init__(self, data_dir, split: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, epochs: int | None = None, drop_last: bool = True, verify: bool = True):
+        self.data_dir = Path(data_dir)
+        self._manifest = read_manifest(self.data_dir)
+        if split not in self._manifest["splits"]:
+            raise ManifestError(f"{self.data_dir}: no split {split!r} (has: {list(self._manifest['splits'])})")
+        if not 0 <= rank < world_size or batch_size <= 0:
+            raise ValueError(f"need 0 <= rank < world_size and batch_size > 0 (got {rank}, {world_size}, {batch_size})")
+        self.split, self.batch_size, self.rank, self.world_size = split, batch_size, rank, world_size
+        self.seed, self.shuffle, self.epochs, self.drop_last, self.verify = seed, shuffle, epochs, drop_last, verify
+        self._entries = self._manifest["splits"][split]["shards"]
+        counts = np.array([s["samples"] for s in self._entries], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_samples = int(self._starts[-1])
+        self._dtype = np.dtype(self._manifest["dtype"])
+        self._data_id = hashlib.sha256("".join(s["sha256"] for s in self._entries).encode()).hexdigest()
+        for entry in self._entries:
+            path = self.data_dir / entry["path"]
+            if not path.is_file():
+                raise ShardError(f"shard {path} listed in the manifest is missing")
+            if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+                raise ShardError(f"shard {path} is truncated or altered: {path.stat().st_size} bytes, "
+                                 f"the manifest says {entry['bytes']}")
+        if self.num_samples == 0:
+            raise ManifestError(f"{self.data_dir}: split {split!r} holds no samples")
+        if drop_last and self.num_samples < self.global_batch:
+            raise ManifestError(f"{self.data_dir}: split {split!r} has {self.num_samples} samples, fewer than one "
+                                f"global batch of {self.global_batch} (batch_size x world_size)")
+        self._shards: dict[int, _Shard] = {}  # checked and indexed once, kept (a few bytes per sample)
+        self._mapped: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU of open memory maps
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        self.epoch, self.offset = 0, 0
+
+    @property
+    def manifest(self) -> dict:
+        return self._manifest
+
+    @property
+    def block_len(self) -> int:
+        return self._manifest["block_len"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._manifest["tokenizer"]["vocab_size"]
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        full, rest = divmod(self.num_samples, self.global_batch)
+        if self.drop_last or rest == 0:
+            return full
+        per_rank = -(-rest // self.world_size)
+        return full + (1 if self.rank * per_rank < rest else 0)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            order = (np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.num_samples)
+                     if self.shuffle else np.arange(self.num_samples))
+            self._order_cache = (epoch, order)
+        return self._order_cache[1]
+
+    def _rank_slice(self) -> tuple[slice, int] | None:
+        """This rank's part of the next global batch and the new offset, or None at the epoch's end."""
+        start, remaining = self.offset, self.num_samples - self.offset
+        if remaining >= self.global_batch:
+            lo = start + self.rank * self.batch_size
+            return slice(lo, lo + self.batch_size), start + self.global_batch
+        if remaining <= 0 or self.drop_last:
+            return None
+        per_rank = -(-remaining // self.world_size)
+        lo = start + self.rank * per_rank
+        return slice(lo, min(lo + per_rank, self.num_samples)), self.num_samples
+
+    def __iter__(self):
+        while self.epochs is None or self.epoch < self.epochs:
+            order = self._order(self.epoch)
+            while (step := self._rank_slice()) is not None:
+                part, new_offset = step
+                batch = self._gather(order[part]) if part.stop > part.start else None
+                self.offset = new_offset
+                if batch is not None:
+                    yield batch
+            self.epoch, self.offset = self.epoch + 1, 0
+
+    def _gather(self, indices: np.ndarray) -> torch.Tensor:
+        shard_ids = np.searchsorted(self._starts, indices, side="right") - 1
+        rows = [self._shard(s).read(i - self._starts[s]) for s, i in zip(shard_ids.tolist(), indices.tolist())]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def _shard(self, s: int) -> _Shard:
+        shard = self._shards.get(s)
+        if shard is None:
+            entry = self._entries[s]
+            shard = self._shards[s] = _Shard(self.data_dir / entry["path"], entry, self.block_len, self._dtype,
+                                             self.verify)
+        self._mapped[s] = None
+        self._mapped.move_to_end(s)
+        if len(self._mapped) > OPEN_SHARDS:
+            self._shards[self._mapped.popitem(last=False)[0]].map = None
+        return shard
+
+    def state_dict(self) -> dict:
+        return {"split": self.split, "epoch": self.epoch, "offset": self.offset, "seed": self.seed,
+                "shuffle": self.shuffle, "num_samples": self.num_samples, "data_id": self._data_id,
+                "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues where `state` left off; refuses state from other data, split, seed or shuffling."""
+        mine = self.state_dict()
+        for key in ("split", "seed", "shuffle", "num_samples", "data_id"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"cannot resume {self.data_dir} split {self.split!r}: loader state has "
+                                 f"{key}={state.get(key)!r} but this loader has {mine[key]!r}")
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
