@@ -1,0 +1,104 @@
+"""Train one stage of the pipeline (autoencoder, calm or baseline) with DeepSpeed ZeRO.
+
+    python -m pretrain --stage STAGE --config PRESET [--resume] [key=value ...]
+
+PRESET is a name in configs/ or a YAML path; key=value pairs override it (`optim.lr=1e-3`,
+`model.num_hidden_layers=4`, `run_dir=runs/x`, `ds_config=ds_configs/zero2.json`). `--stage` must
+agree with the preset's `stage` (it is there so a command line says what it trains). A run directory
+that already holds a checkpoint is resumed automatically; `--resume` insists on it, `--no-resume`
+starts over (refused while checkpoints exist, to protect them).
+
+Single process (CPU or one GPU):
+    python -m pretrain --stage autoencoder --config ae run_dir=runs/ae
+    bash run.sh train --stage autoencoder --config ae run_dir=runs/ae
+
+NPROC processes on one node (GPUs, or CPU ranks over gloo):
+    torchrun --nproc_per_node 8 -m pretrain --stage calm --config calm-m ae_path=runs/ae/export run_dir=runs/calm-m
+    NPROC=8 bash run.sh train --stage calm --config calm-m ae_path=runs/ae/export run_dir=runs/calm-m
+
+Multi-node with torchrun (run on every node, NODE_RANK 0..NNODES-1; run_dir on a shared filesystem):
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr node0 --master_port 29500 \
+        -m pretrain --stage baseline --config transformer-s run_dir=/shared/runs/ts
+    NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 NPROC=8 \
+        bash run.sh train --stage baseline --config transformer-s run_dir=/shared/runs/ts
+
+Multi-node with the deepspeed launcher and a hostfile (lines `node0 slots=8`), one command per node:
+    deepspeed --hostfile hosts --no_ssh --node_rank 0 --master_addr node0 --master_port 29500 \
+        --num_gpus 8 --module pretrain --stage baseline --config transformer-s run_dir=/shared/runs/ts
+    LAUNCHER=deepspeed HOSTFILE=hosts NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NPROC=8 \
+        bash run.sh train --stage baseline --config transformer-s run_dir=/shared/runs/ts
+
+SLURM (inside an sbatch script with --nodes N --ntasks-per-node 1; one torchrun per node via srun):
+    LAUNCHER=slurm NPROC=8 bash run.sh train --stage calm --config calm-m ae_path=runs/ae/export \
+        run_dir=/shared/runs/calm-m
+
+Exit codes: 0 done; 2 bad configuration or data (nothing trained); 3 non-finite loss (the last good
+step is checkpointed); 143 SIGTERM (checkpointed; run again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", required=True, choices=("autoencoder", "calm", "baseline"))
+    parser.add_argument("--config", required=True, help="preset name in configs/ or a YAML file")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_true", default=None,
+                        help="continue from run_dir/checkpoints/latest (error if there is none)")
+    resume.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="start from scratch even though run_dir has checkpoints")
+    # The deepspeed launcher passes --local_rank=N (torchrun sets LOCAL_RANK instead).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        if config.stage != args.stage:
+            raise ConfigError(f"--stage {args.stage} but preset {args.config!r} is for stage {config.stage!r}")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from pretrain import checkpoint, distributed
+    from pretrain.data import ManifestError, ShardError
+    from pretrain.train import EXIT_NONFINITE, Trainer, TrainingError
+
+    existing = checkpoint.latest_tag(config.run_dir)
+    if args.resume is False and existing:
+        print(f"error: --no-resume but {config.run_dir}/checkpoints holds {existing}; "
+              "choose another run_dir or delete the checkpoints", file=sys.stderr)
+        return 2
+    resume = bool(existing) if args.resume is None else args.resume
+    world = distributed.init(args.local_rank)
+    try:
+        trainer = Trainer(config, world, resume)
+        code = trainer.run(resume)
+        if code == 0 and config.export:
+            from pretrain.export import export_run
+
+            distributed.barrier()
+            if world.is_main:
+                export_run(config.run_dir)
+        return code
+    except (ConfigError, ManifestError, ShardError, checkpoint.ResumeError) as exc:
+        print(f"error (rank {world.rank}): {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"error (rank {world.rank}): {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

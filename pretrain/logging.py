@@ -1,0 +1,125 @@
+"""Training metrics: one JSON line per record in run_dir/metrics.jsonl, mirrored to W&B, rank 0 only.
+
+metrics.jsonl is always written so a run can be plotted without W&B; one JSON object per line,
+non-finite numbers written as null:
+
+    {"split": "train", "step", "tokens_seen", "loss" (mean over the logging window and the ranks),
+     ["ce", "kl", "accuracy" (autoencoder)], "lr", "grad_norm" (before clipping), "skipped_steps",
+     "tokens_per_s", "step_time_s", "train_flops" (cumulative, evaluation.flops), "tflops" (achieved),
+     ["mfu" (known GPUs only)], "mem_allocated_gib" and "mem_reserved_gib" (GPU) or "mem_rss_gib" (CPU)}
+    {"split": "validation", "step", "tokens_seen", "loss", and per stage: "ce",
+     "reconstruction_accuracy" (latents sampled), "accuracy_mean_latent" (autoencoder);
+     "energy_loss" (CALM); "ce" (baseline)}
+
+W&B runs online when an API key is configured, offline otherwise (mode 'auto'), and keep all of
+their files inside the run directory. MFU needs a peak FLOP/s figure, which only exists for known
+accelerators (the table below); on CPU it is omitted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 peak TFLOP/s (without sparsity), matched against torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """Peak dense bf16 TFLOP/s of `device`, or None when unknown (CPU, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak accelerator memory (GiB) on GPU; resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return {
+            "mem_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
+    with open("/proc/self/statm") as fh:
+        rss_pages = int(fh.read().split()[1])
+    return {"mem_rss_gib": rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**30}
+
+
+def wandb_mode(configured: str) -> str:
+    if configured != "auto":
+        return configured
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class MetricsLogger:
+    """Writes records on rank 0; every other rank gets a logger that does nothing."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, wandb_config: Any = None,
+                 config_dict: dict | None = None, run_id: str | None = None):
+        self.enabled = enabled
+        self.run = None
+        self.run_id = run_id
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "metrics.jsonl", "a")
+        mode = wandb_mode(wandb_config.mode) if wandb_config is not None else "disabled"
+        if mode == "disabled":
+            return
+        wandb_dir = run_dir / "wandb"
+        for name, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", ".cache"),
+                          ("WANDB_CONFIG_DIR", ".config"), ("WANDB_DATA_DIR", ".data")):
+            path = wandb_dir / sub
+            path.mkdir(parents=True, exist_ok=True)
+            os.environ.setdefault(name, str(path))
+        import wandb
+
+        self.run = wandb.init(
+            project=wandb_config.project, entity=wandb_config.entity,
+            name=wandb_config.name or run_dir.name, tags=list(wandb_config.tags), mode=mode,
+            dir=str(wandb_dir), config=config_dict, id=run_id, resume="allow",
+        )
+        self.run_id = self.run.id
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self.run is not None:
+            prefix = "val/" if record.get("split") == "validation" else "train/"
+            self.run.log({prefix + k: v for k, v in record.items()
+                          if k not in ("split", "step") and isinstance(v, (int, float))},
+                         step=record["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self.run is not None:
+            self.run.finish()

@@ -1,0 +1,408 @@
+"""The DeepSpeed training loop shared by the three stages (autoencoder, CALM, baseline).
+
+Every stage runs through ZeRO (stage 3 by default) on CPU (gloo, fp32) or GPU (NCCL, bf16). The
+model is built while an `HfDeepSpeedConfig` is alive so that large models are partitioned as they
+are constructed. For CALM the frozen autoencoder is taken out of the engine's module tree: ZeRO-3
+would otherwise partition it too (its weights would be empty outside its own submodules' forward
+calls), put it in the optimizer's bookkeeping and in every checkpoint. It stays a whole, eval-mode,
+gradient-free copy on every rank, loaded from `ae_path`, so the target latents are exact.
+
+The learning rate is a pure function of the step (`lr_at`), so resuming needs no scheduler state,
+and a step DeepSpeed skips (non-finite gradient norm) does not shift the schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain import checkpoint, distributed
+from pretrain.config import REPO_ROOT, ConfigError, TrainConfig, save_config
+from pretrain.ds_config import build_ds_config
+from pretrain.logging import MetricsLogger, memory_stats, peak_tflops
+
+EXIT_NONFINITE = 3
+EXIT_SIGTERM = 143
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the message explains."""
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+    optim = config.optim
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    span = max(1, config.max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only; biases and norm gains (1-D tensors) are not decayed. Frozen weights are left out."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        # Under ZeRO-3 a partitioned parameter is empty; ds_shape is its real shape.
+        shape = getattr(param, "ds_shape", param.shape)
+        (decay if len(shape) >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def resolve_precision(config: TrainConfig, device: torch.device) -> str:
+    if config.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return config.precision
+
+
+def _model_dims(config: TrainConfig) -> tuple[int | None, int | None]:
+    from pretrain.models import config_class_for
+
+    model_config = config_class_for(config.stage)(**config.model)
+    return model_config.vocab_size, getattr(model_config, "patch_size", None)
+
+
+def check_compatibility(config: TrainConfig, manifest: dict) -> None:
+    """Everything that would make training meaningless, checked before any step is taken."""
+    vocab, patch = _model_dims(config)
+    data_vocab = manifest["tokenizer"]["vocab_size"]
+    if vocab != data_vocab:
+        raise ConfigError(
+            f"model.vocab_size={vocab} but the shards in {config.data.path} were made with tokenizer "
+            f"{manifest['tokenizer'].get('name')!r} of vocab_size {data_vocab}: the shards come from "
+            f"another tokenizer (set model.vocab_size={data_vocab} or re-run data_prep)")
+    block_len = manifest["block_len"]
+    if patch is not None and block_len % patch:
+        raise ConfigError(f"patch size K={patch} does not divide the shards' block_len={block_len} "
+                          f"({config.data.path}/manifest.json)")
+    if config.stage == "calm":
+        _check_autoencoder(config, vocab, patch, manifest["tokenizer"])
+    elif config.ae_path:
+        raise ConfigError(f"ae_path is only used by the calm stage, not {config.stage!r}")
+
+
+def _check_autoencoder(config: TrainConfig, vocab: int, patch: int, manifest_tokenizer: dict | None) -> None:
+    from pretrain.models import config_class_for
+
+    if not config.ae_path:
+        raise ConfigError("the calm stage needs ae_path=DIR, the export of a trained autoencoder "
+                          "(run_dir/export of an autoencoder run)")
+    path = Path(config.ae_path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"ae_path={config.ae_path}: no config.json there; expected the export directory "
+                          "of an autoencoder run (run_dir/export)")
+    ae = config_class_for("autoencoder").from_pretrained(str(path))
+    calm = config_class_for("calm")(**config.model)
+    problems = [f"{name}: autoencoder {a} vs calm {c}" for name, a, c in (
+        ("vocab_size", ae.vocab_size, vocab), ("patch_size", ae.patch_size, patch),
+        ("latent_size", ae.latent_size, calm.latent_size)) if a != c]
+    if problems:
+        raise ConfigError(f"autoencoder at {config.ae_path} does not fit this CALM model: " + "; ".join(problems))
+    trained_on = path / "training.json"
+    if trained_on.is_file() and manifest_tokenizer is not None:
+        ae_sha = json.loads(trained_on.read_text())["data_tokenizer"]["sha256"]
+        if ae_sha != manifest_tokenizer["sha256"]:
+            raise ConfigError(f"autoencoder at {config.ae_path} was trained on shards of another tokenizer "
+                              f"(sha256 {ae_sha[:12]}…) than {config.data.path} ({manifest_tokenizer['sha256'][:12]}…)")
+
+
+def build_model(config: TrainConfig, ds_config: dict, device: torch.device, dtype: torch.dtype):
+    """The stage's model, partitioned at construction under ZeRO-3; CALM's autoencoder kept whole and frozen.
+
+    `_from_config` is what makes transformers partition at construction (and initialise the
+    partitioned weights correctly) while an HfDeepSpeedConfig is alive.
+    """
+    from transformers import LlamaForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from pretrain.models import CALM, Autoencoder, attn_implementation, build_config
+
+    model_config = build_config(config.stage, dict(config.model), config.ae_path)
+    cls = {"autoencoder": Autoencoder, "calm": CALM, "baseline": LlamaForCausalLM}[config.stage]
+    # Built directly in the training dtype (FlashAttention-2 refuses fp32 weights).
+    kwargs = {"dtype": dtype}
+    if config.stage != "autoencoder":
+        kwargs["attn_implementation"] = attn_implementation(device)
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    # transformers partitions models built while this object is alive (it holds a weak reference).
+    hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
+    torch.manual_seed(config.seed)
+    model = cls._from_config(model_config, **kwargs)
+    del hf_ds
+    frozen_ae = None
+    if config.stage == "calm":
+        # Replace the (randomly initialised, possibly partitioned) placeholder with the trained weights.
+        del model._modules["ae_model"]
+        frozen_ae = Autoencoder.from_pretrained(config.ae_path).to(device=device, dtype=dtype).eval()
+        frozen_ae.requires_grad_(False)
+        # A plain attribute: visible to CALM.forward, invisible to parameters(), state_dict() and ZeRO.
+        object.__setattr__(model, "ae_model", frozen_ae)
+    return model, frozen_ae
+
+
+def _register_tied_weights(model: torch.nn.Module) -> None:
+    """Under ZeRO-3, a weight used by a module that does not own it must be registered as external.
+
+    The autoencoder's decoder multiplies by the encoder's embedding matrix inside its own forward.
+    """
+    import deepspeed
+
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None and hasattr(encoder, "embed_tokens") and hasattr(model, "decode"):
+        deepspeed.zero.register_external_parameter(model, encoder.embed_tokens.weight)
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def build_engine(config: TrainConfig, ds_config: dict, device: torch.device, precision: str):
+    """(engine, optimizer, frozen autoencoder or None): the model under DeepSpeed with our AdamW.
+
+    A torch AdamW handed to DeepSpeed compiles no extension ops (DeepSpeed's own Adam would)."""
+    import deepspeed
+
+    model, frozen_ae = build_model(config, ds_config, device, dtype_of(precision))
+    optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=lr_at(config, 0),
+                                  betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        _register_tied_weights(engine.module)
+    return engine, optimizer, frozen_ae
+
+
+def forward(engine, stage: str, batch: torch.Tensor):
+    """The stage's training objective on one batch (ModelOutput with .loss)."""
+    if stage == "baseline":
+        return engine(input_ids=batch, labels=batch)
+    return engine(input_ids=batch)
+
+
+def flops_per_token(model_config, stage: str, block_len: int) -> float:
+    """Training FLOPs per token (evaluation.flops); CALM's context is counted in steps of K tokens."""
+    from evaluation.flops import train_flops_per_token
+
+    context = block_len // model_config.patch_size if stage == "calm" else block_len
+    return float(train_flops_per_token(model_config, stage, context))
+
+
+class Trainer:
+    """One training run: `Trainer(config, world).run(resume)` returns the process exit code."""
+
+    def __init__(self, config: TrainConfig, world: distributed.World, resume: bool = False):
+        from pretrain.data import ShardLoader
+
+        self.config = config
+        self.world = world
+        self.loader = ShardLoader(config.data.path, config.data.train_split, config.micro_batch_size,
+                                  rank=world.rank, world_size=world.world_size, seed=config.seed, shuffle=True)
+        check_compatibility(config, self.loader.manifest)
+        self.block_len = self.loader.block_len
+        self.precision = resolve_precision(config, world.device)
+        self.ds_config = build_ds_config(config, world.world_size, self.precision, REPO_ROOT)
+        if resume:
+            universal = bool(self.ds_config.get("checkpoint", {}).get("load_universal", False))
+            checkpoint.check_world_size(config, world, universal)
+        self.engine, self.optimizer, self.frozen_ae = build_engine(config, self.ds_config, world.device,
+                                                                     self.precision)
+        self.dtype = dtype_of(self.precision)
+        self.model_config = self.engine.module.config
+        self.tokens_per_step = self.engine.train_batch_size() * self.block_len
+        self.flops_per_token = flops_per_token(self.model_config, config.stage, self.block_len)
+        self.peak = peak_tflops(world.device)
+        self._stop_requested = False
+
+    def _forward(self, batch: torch.Tensor):
+        return forward(self.engine, self.config.stage, batch)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _set_lr(self, step: int) -> float:
+        lr = lr_at(self.config, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _save(self, step: int, tokens_seen: int, loader_state: dict, rng: dict) -> Path:
+        return checkpoint.save(self.engine, self.config, self.world, step, tokens_seen, loader_state, rng,
+                               self.logger.run_id if self.world.is_main else None)
+
+    def run(self, resume: bool) -> int:
+        config, world = self.config, self.world
+        Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+        step, tokens_seen, run_id = 0, 0, None
+        if resume:
+            state = checkpoint.load(self.engine, config, world)
+            step, tokens_seen, run_id = state["step"], state["tokens_seen"], state["wandb_run_id"]
+            if state["loader"] is not None:
+                self.loader.load_state_dict(state["loader"])
+        else:
+            # Same weights everywhere (built above from `seed`), but per-rank dropout/noise streams.
+            random.seed(config.seed + world.rank)
+            np.random.seed(config.seed + world.rank)
+            torch.manual_seed(config.seed + world.rank)
+        if world.is_main:
+            save_config(config, Path(config.run_dir) / "config.yaml")
+        self.logger = MetricsLogger(config.run_dir, world.is_main, config.wandb, config.to_dict(), run_id)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._loop(step, tokens_seen)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.logger.close()
+
+    def _loop(self, step: int, tokens_seen: int) -> int:
+        from tqdm import tqdm
+
+        config, world, engine = self.config, self.world, self.engine
+        data = iter(self.loader)
+        progress = tqdm(total=config.max_steps, initial=step, disable=not world.is_main,
+                        desc=config.stage, dynamic_ncols=True)
+        window, aux_sums = self._new_window(), {}
+        engine.train()
+        while step < config.max_steps:
+            loader_state, rng = self.loader.state_dict(), checkpoint.rng_state()
+            lr = self._set_lr(step)
+            step_loss, finite, skipped_before = 0.0, True, engine.skipped_steps
+            for _ in range(config.grad_accum_steps):
+                batch = next(data).to(world.device)
+                out = self._forward(batch)
+                loss = out.loss
+                finite = distributed.all_true(bool(torch.isfinite(loss.detach()).item()), world.device)
+                if not finite and config.nan_policy == "stop":
+                    break
+                engine.backward(loss)
+                engine.step()
+                step_loss += loss.item() / config.grad_accum_steps
+                for name in ("ce", "kl", "accuracy"):
+                    value = getattr(out, name, None)
+                    if value is not None:
+                        aux_sums[name] = aux_sums.get(name, 0.0) + float(value.detach().float().mean())
+            applied = finite and engine.skipped_steps == skipped_before
+            if config.nan_policy == "stop" and not applied:
+                self._save(step, tokens_seen, loader_state, rng)
+                raise TrainingError(
+                    f"non-finite {'loss' if not finite else 'gradient norm'} at step {step + 1}; "
+                    f"saved the last good state (after step {step}) to {config.run_dir}/checkpoints. "
+                    "Lower optim.lr, raise warmup, or set nan_policy=skip")
+            step += 1
+            tokens_seen += self.tokens_per_step
+            window["tokens"] += self.tokens_per_step
+            if applied:
+                window["loss"] += step_loss
+                window["steps"] += 1
+            else:
+                window["skipped"] += 1
+            progress.update(1)
+            logged = step % config.log_every == 0 or step == config.max_steps
+            if logged:
+                record = self._train_record(step, tokens_seen, lr, window, aux_sums)
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+            if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
+                self.validate(step, tokens_seen)
+            stop = distributed.any_true(self._stop_requested, world.device)
+            due = config.save_every and step % config.save_every == 0
+            if stop or due or step == config.max_steps:
+                self._save(step, tokens_seen, self.loader.state_dict(), checkpoint.rng_state())
+            if stop:
+                progress.close()
+                if world.is_main:
+                    print(f"SIGTERM: saved checkpoint at step {step} in {config.run_dir}/checkpoints; "
+                          "re-run with --resume to continue", flush=True)
+                return EXIT_SIGTERM
+            if logged:
+                # Validation and checkpoint time stay out of the next window's tokens/s.
+                window, aux_sums = self._new_window(), {}
+        progress.close()
+        return 0
+
+    @staticmethod
+    def _new_window() -> dict[str, Any]:
+        return {"loss": 0.0, "steps": 0, "skipped": 0, "time": time.perf_counter(), "tokens": 0}
+
+    def _train_record(self, step, tokens_seen, lr, window, aux_sums) -> dict[str, Any]:
+        elapsed = time.perf_counter() - window["time"]
+        # Averaged over the window's applied steps and over all ranks.
+        count = max(1, window["steps"])
+        loss = window["loss"] / count if window["steps"] else math.nan
+        aux = [v / (count * self.config.grad_accum_steps) for v in aux_sums.values()]
+        means = torch.tensor([loss] + aux, dtype=torch.float64)
+        torch.distributed.all_reduce(means)
+        means = (means / self.world.world_size).tolist()
+        tokens_per_s = window["tokens"] / elapsed
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {"split": "train", "step": step, "tokens_seen": tokens_seen, "loss": means[0],
+                  **dict(zip(aux_sums, means[1:])), "lr": lr,
+                  "grad_norm": None if grad_norm is None else float(grad_norm), "skipped_steps": window["skipped"],
+                  "tokens_per_s": tokens_per_s, "step_time_s": elapsed / max(1, window["steps"] + window["skipped"]),
+                  "train_flops": self.flops_per_token * tokens_seen,
+                  "tflops": self.flops_per_token * tokens_per_s / 1e12}
+        if self.peak is not None:
+            record["mfu"] = record["tflops"] / (self.peak * self.world.world_size)
+        record.update(memory_stats(self.world.device))
+        self.logger.log(record)
+        return record
+
+    @torch.no_grad()
+    def validate(self, step: int, tokens_seen: int) -> dict[str, Any]:
+        """Mean validation metrics over `eval_batches` batches per rank (same count on every rank,
+        since every ZeRO-3 forward is collective), with a fixed seed so steps are comparable."""
+        from pretrain.data import ShardLoader
+
+        config, world, engine = self.config, self.world, self.engine
+        loader = ShardLoader(config.data.path, config.data.val_split, config.micro_batch_size, rank=world.rank,
+                             world_size=world.world_size, seed=config.seed, shuffle=False)
+        plain_ae = self._plain_autoencoder() if config.stage == "autoencoder" else None
+        engine.eval()
+        sums: dict[str, float] = {}
+        with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
+            torch.manual_seed(config.seed)
+            for _, batch in zip(range(config.eval_batches), loader):
+                for name, value in self._eval_batch(batch.to(world.device), plain_ae).items():
+                    sums[name] = sums.get(name, 0.0) + value
+        engine.train()
+        names = sorted(sums)
+        totals = torch.tensor([sums[n] for n in names], dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        record = {"split": "validation", "step": step, "tokens_seen": tokens_seen,
+                  **{n: v / (config.eval_batches * world.world_size) for n, v in zip(names, totals.tolist())}}
+        self.logger.log(record)
+        return record
+
+    def _eval_batch(self, batch: torch.Tensor, plain_ae) -> dict[str, float]:
+        if plain_ae is not None:
+            out = plain_ae(input_ids=batch)
+            return {"loss": float(out.loss), "ce": float(out.ce), "accuracy_mean_latent": float(out.accuracy),
+                    "reconstruction_accuracy": float(plain_ae.reconstruction_accuracy(batch, sample=True))}
+        out = self._forward(batch)
+        key = "energy_loss" if self.config.stage == "calm" else "ce"
+        return {"loss": float(out.loss), key: float(out.loss)}
+
+    def _plain_autoencoder(self):
+        """A whole copy of the autoencoder being trained, for reconstruction_accuracy, which is not a
+        forward call and so would find its weights partitioned under ZeRO-3 (the model is small)."""
+        import deepspeed
+
+        from pretrain.models import Autoencoder
+
+        module = self.engine.module
+        zero3 = self.ds_config["zero_optimization"]["stage"] == 3
+        with deepspeed.zero.GatheredParameters(list(module.parameters())) if zero3 else nullcontext():
+            state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        plain = Autoencoder(module.config).to(self.world.device)
+        plain.load_state_dict(state)
+        return plain.to(self.dtype).eval()

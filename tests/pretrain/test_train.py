@@ -1,0 +1,213 @@
+"""Training on CPU with real DeepSpeed ZeRO-3 over gloo: stages, exactness, resume, launchers, failures.
+
+The multi-process cases are few subprocess runs that each check several things (start-up dominates
+their cost); `train_worker.py` holds the checks that need the engine's internals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, load_config
+from pretrain.ds_config import build_ds_config
+from pretrain.train import check_compatibility, lr_at
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("train_worker.py")
+BIN = Path(sys.executable).parent
+TINY_BASELINE = ["model.hidden_size=32", "model.intermediate_size=64", "model.max_position_embeddings=64",
+                 "micro_batch_size=4", "wandb.mode=disabled", "optim.warmup_steps=1", "optim.lr=3e-3"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(cmd: list[str], timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_zero3_two_gloo_ranks_train_every_stage(tiny_data_dir, tmp_path):
+    """Partitioned parameters, falling loss, frozen AE outside the engine with exact targets, exports
+    that reproduce the engine's outputs (autoencoder, baseline) and embed the autoencoder (CALM)."""
+    proc = _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                 str(WORKER), "stages", str(tiny_data_dir), str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("stages ok") == 2
+
+
+@pytest.mark.slow
+def test_zero3_world1_equals_plain_pytorch_and_nan_policies(tiny_data_dir, tmp_path):
+    proc = _run([sys.executable, str(WORKER), "plain", str(tiny_data_dir), str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "plain ok" in proc.stdout
+
+
+def _train_cmd(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["bash", "run.sh", "train", "--stage", "baseline", "--config", "baseline-tiny", f"data.path={data_dir}",
+            f"run_dir={run_dir}", "max_steps=20", "save_every=10", "eval_every=0", "log_every=1", "export=false",
+            *TINY_BASELINE, *extra]
+
+
+@pytest.mark.slow
+def test_launchers_sigterm_resume_and_world_size_check(tiny_data_dir, tmp_path):
+    """Reference: two torchrun launchers with --nnodes 2 on 127.0.0.1 (world 2). Then NPROC=2 torchrun
+    on one node, stopped by SIGTERM, refused at world 1, resumed by two deepspeed launchers with a
+    hostfile (--no_ssh, as two nodes): the interrupted run's losses are bit-identical to the reference."""
+    reference = tmp_path / "reference"
+    port = str(_free_port())
+    nodes = [subprocess.Popen(_train_cmd(tiny_data_dir, reference), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=_env(NNODES="2", NODE_RANK=str(r), NPROC="1", MASTER_PORT=port))
+             for r in (0, 1)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(_train_cmd(tiny_data_dir, resumed), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=_env(NPROC="2", MASTER_PORT=str(_free_port())))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        metrics = resumed / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    output = proc.communicate(timeout=120)[0]
+    assert "SIGTERM: saved checkpoint at step" in output, output[-3000:]
+    tag = (resumed / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(tag.split("_")[1])
+    assert 3 <= stopped_at < 20
+    assert [r["step"] for r in _train_records(resumed)] == list(range(1, stopped_at + 1))
+
+    wrong_world = _run(_train_cmd(tiny_data_dir, resumed, "--resume"), MASTER_PORT=str(_free_port()))
+    assert wrong_world.returncode == 2, wrong_world.stderr[-3000:]
+    assert "written by 2 ranks but this run has 1" in wrong_world.stderr
+    assert "ds_to_universal" in wrong_world.stderr
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = str(_free_port())
+    nodes = [subprocess.Popen(_train_cmd(tiny_data_dir, resumed, "--resume"), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=_env(LAUNCHER="deepspeed", HOSTFILE=str(hostfile), NNODES="2", NODE_RANK=str(r),
+                                       NPROC="1", MASTER_PORT=port))
+             for r in (0, 1)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "--local_rank=0" in outputs[0]
+    keys = ("step", "tokens_seen", "loss", "grad_norm", "lr")
+    got = [tuple(r[k] for k in keys) for r in _train_records(resumed)]
+    want = [tuple(r[k] for k in keys) for r in _train_records(reference)]
+    assert got == want
+    assert want[-1][2] < want[0][2]
+    kept = sorted(p.name for p in (resumed / "checkpoints").glob("step_*"))
+    assert len(kept) == 2 and kept[-1] == "step_00000020"  # keep_last=2
+    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+    assert all((resumed / "checkpoints" / name / "config.yaml").is_file() for name in kept)
+
+
+def _config(tmp_path, data_dir, stage="baseline", *extra):
+    preset = {"baseline": "baseline-tiny", "autoencoder": "ae-tiny", "calm": "calm-tiny"}[stage]
+    return load_config(preset, [f"data.path={data_dir}", f"run_dir={tmp_path / 'run'}", *extra])
+
+
+def test_incompatible_data_and_autoencoder_are_refused_before_training(tiny_data_dir, tmp_path):
+    from pretrain.data import read_manifest
+    from pretrain.models import AutoencoderConfig
+
+    manifest = read_manifest(tiny_data_dir)
+    check_compatibility(_config(tmp_path, tiny_data_dir), manifest)
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        check_compatibility(_config(tmp_path, tiny_data_dir, "baseline", "model.vocab_size=1024"), manifest)
+    with pytest.raises(ConfigError, match="K=3 does not divide"):
+        check_compatibility(_config(tmp_path, tiny_data_dir, "autoencoder", "model.patch_size=3"), manifest)
+    with pytest.raises(ConfigError, match="needs ae_path"):
+        check_compatibility(_config(tmp_path, tiny_data_dir, "calm", "ae_path=null"), manifest)
+    with pytest.raises(ConfigError, match="no config.json"):
+        check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={tmp_path / 'none'}"), manifest)
+    ae_dir = tmp_path / "ae"
+    AutoencoderConfig(vocab_size=512, latent_size=16, patch_size=4).save_pretrained(ae_dir)
+    with pytest.raises(ConfigError, match="latent_size: autoencoder 16 vs calm 32"):
+        check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}"), manifest)
+    AutoencoderConfig(vocab_size=512, latent_size=32, patch_size=4).save_pretrained(ae_dir)
+    check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}"), manifest)
+    (ae_dir / "training.json").write_text(json.dumps({"data_tokenizer": {"sha256": "0" * 64}}))
+    with pytest.raises(ConfigError, match="shards of another tokenizer"):
+        check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}"), manifest)
+
+
+def test_ds_config_gets_batch_sizes_from_the_training_config(tiny_data_dir, tmp_path):
+    config = _config(tmp_path, tiny_data_dir, "baseline", "micro_batch_size=3", "grad_accum_steps=5")
+    ds = build_ds_config(config, 4, "bf16", REPO)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 5, 60)
+    assert ds["bf16"]["enabled"] is True and ds["gradient_clipping"] == 1.0
+    for name in ("zero2.json", "zero3_offload.json", "zero3_universal.json"):
+        config.ds_config = f"ds_configs/{name}"
+        assert build_ds_config(config, 2, "fp32", REPO)["train_batch_size"] == 30
+    template = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    template["train_batch_size"] = 64
+    (tmp_path / "fixed.json").write_text(json.dumps(template))
+    config.ds_config = str(tmp_path / "fixed.json")
+    with pytest.raises(ConfigError, match="train_batch_size=64 disagrees"):
+        build_ds_config(config, 4, "fp32", REPO)
+
+
+def test_learning_rate_schedule(tiny_data_dir, tmp_path):
+    config = _config(tmp_path, tiny_data_dir, "baseline", "optim.lr=1.0", "optim.warmup_steps=4", "max_steps=14",
+                     "optim.schedule=cosine", "optim.min_lr_ratio=0.1")
+    lrs = [lr_at(config, s) for s in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.55) and lrs[13] > 0.1
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    config.optim.schedule = "constant"
+    assert [lr_at(config, s) for s in (4, 13)] == [1.0, 1.0]
+
+
+def test_metrics_log_and_wandb_offline_without_api_key(tmp_path, monkeypatch):
+    from pretrain.config import WandbConfig
+    from pretrain.logging import MetricsLogger, wandb_mode
+
+    dirs = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", *dirs):
+        monkeypatch.delenv(name, raising=False)
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    assert wandb_mode("disabled") == "disabled"
+    monkeypatch.delenv("WANDB_API_KEY")
+    logger = MetricsLogger(tmp_path / "run", True, WandbConfig(mode="auto"), {"stage": "baseline"})
+    logger.log({"split": "train", "step": 1, "loss": float("nan"), "lr": 0.1})
+    logger.log({"split": "validation", "step": 1, "ce": 2.5})
+    run_id = logger.run_id
+    logger.close()
+    assert all(os.environ.pop(name).startswith(str(tmp_path / "run" / "wandb")) for name in dirs)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"split": "train", "step": 1, "loss": None, "lr": 0.1}, {"split": "validation", "step": 1, "ce": 2.5}]
+    assert run_id and list((tmp_path / "run" / "wandb").rglob(f"offline-run-*{run_id}"))
+    assert MetricsLogger(tmp_path / "other", False, WandbConfig(mode="auto")).run is None
+    assert not (tmp_path / "other").exists()
