@@ -1,0 +1,225 @@
+"""Evaluate exported models on documents or shards: BrierLM (CALM, baseline), AE fidelity (autoencoder).
+
+    python -m evaluation --model runs/baseline-tiny runs/calm-tiny runs/ae-tiny \\
+        --data ../shared/data/wikitext103_test_documents.jsonl
+    python -m evaluation --model runs/calm-tiny --data data/quickstart --split validation --max-blocks 8
+    torchrun --nproc_per_node 8 -m evaluation --model runs/calm-m --data wiki.jsonl         # one node
+    torchrun --nnodes 2 --node_rank $R --nproc_per_node 8 --master_addr $HEAD --master_port 29500 \\
+        -m evaluation --model runs/calm-m --data wiki.jsonl                                   # two nodes
+    bash run.sh eval ...            (NPROC / NNODES / ... pick the launcher, see run.sh)
+
+--model takes run directories (their `export/` is evaluated and `metrics.jsonl` found by the report)
+or exported directories. --data is a `.jsonl` file of {"text": ...} documents, any other file (one
+plain-text document), or a data_prep output directory (its `--split`). Documents are tokenised with
+the model's own tokenizer (saved in every export; `--tokenizer` overrides). Blocks default to the
+paper's protocol: 2048 tokens for the baseline and the autoencoder, 2048 steps (2048·K tokens) for
+CALM. Under torchrun each rank takes every world_size-th block and the sums are all-reduced; rank r
+draws its randomness from seed + r. One JSON result per model (schema: `evaluation.results`) goes to
+`--out` (one model only) or `RUN/eval/<data>-ctx<context>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from evaluation import documents as docs
+from evaluation.brier_stats import BrierAccumulator
+from evaluation.brierlm import baseline_brier_batched
+from evaluation.calm_brier import CALMSampler, calm_brier
+from evaluation.reconstruction import DEFAULT_NOISE_STDS, reconstruction_eval
+from evaluation.results import SCHEMA, write_result
+
+STAGE_OF_MODEL_TYPE = {"llama": "baseline", "energy": "calm", "autoencoder": "autoencoder"}
+PAPER_STEPS = 2048
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n")[0])
+    p.add_argument("--model", nargs="+", required=True, help="run or export directories")
+    p.add_argument("--data", required=True, help=".jsonl / text file of documents, or a data_prep directory")
+    p.add_argument("--split", default="validation", help="split of a data_prep directory (default: validation)")
+    p.add_argument("--text-key", default="text", help="JSON field holding a document's text (default: text)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the one saved with each model)")
+    p.add_argument("--context", type=int, help="block length in tokens (default: 2048; CALM: 2048*K)")
+    p.add_argument("--batch-size", type=int, default=1, help="blocks per forward pass (default: 1)")
+    p.add_argument("--max-blocks", type=int, help="evaluate only the first N blocks (quick checks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--max-queries", type=int, default=256, help="branch queries per forward call (memory bound)")
+    p.add_argument("--noise-stds", type=float, nargs="+", default=list(DEFAULT_NOISE_STDS),
+                   help="latent noise levels of the autoencoder robustness curve")
+    p.add_argument("--out", help="output JSON (only with a single --model)")
+    args = p.parse_args(argv)
+    if args.out and len(args.model) > 1:
+        p.error("--out needs exactly one --model; without it each result goes to RUN/eval/")
+    for name in ("batch_size", "max_queries"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.context is not None and args.context <= 0:
+        p.error("--context must be positive")
+    return args
+
+
+def init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(device_arg) if device_arg else torch.device(f"cuda:{local}" if cuda else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def resolve_model_dir(path: str) -> tuple[Path, Path | None, str]:
+    """(export dir, run dir or None, stage) for a run or export directory."""
+    root = Path(path)
+    if (root / "export" / "config.json").is_file():
+        export, run_dir = root / "export", root
+    elif (root / "config.json").is_file():
+        export = root
+        run_dir = root.parent if (root.parent / "metrics.jsonl").is_file() else None
+    else:
+        raise FileNotFoundError(f"{root}: neither an exported model (config.json) nor a run directory with export/")
+    model_type = json.loads((export / "config.json").read_text()).get("model_type")
+    if model_type not in STAGE_OF_MODEL_TYPE:
+        raise ValueError(f"{export}/config.json: model_type {model_type!r} is not one of {sorted(STAGE_OF_MODEL_TYPE)}")
+    return export, run_dir, STAGE_OF_MODEL_TYPE[model_type]
+
+
+def tokenizer_dir(args, export: Path) -> Path:
+    candidates = [Path(args.tokenizer)] if args.tokenizer else [export, export / "tokenizer"]
+    for directory in candidates:
+        if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+            return directory
+    raise FileNotFoundError(f"no tokenizer in {' or '.join(map(str, candidates))}; pass --tokenizer DIR")
+
+
+def load_blocks(args, export: Path, stage: str, k: int, context: int, vocab: int) -> tuple[list[torch.Tensor], dict]:
+    data = Path(args.data)
+    multiple = k if stage != "baseline" else 1
+    info = {"source": str(data), "context": context, "max_blocks": args.max_blocks}
+    if data.is_dir():
+        from pretrain.data import read_manifest
+
+        data_vocab = read_manifest(data)["tokenizer"]["vocab_size"]
+        if data_vocab > vocab:
+            raise ValueError(f"{data}: tokenizer vocabulary {data_vocab} exceeds the model's vocab_size {vocab} "
+                             f"({export}); these shards were not made for this model")
+        blocks = docs.shard_blocks(data, args.split, context, multiple)
+        info.update(kind="shards", split=args.split, documents=None)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(args, export)))
+        if len(tokenizer) > vocab:
+            raise ValueError(f"tokenizer of {len(tokenizer)} tokens does not fit the model's vocab_size {vocab} ({export})")
+        texts = docs.read_documents(data, args.text_key)
+        blocks = docs.split_blocks(docs.tokenize_documents(tokenizer, texts), context, multiple)
+        info.update(kind="documents", split=None, documents=len(texts))
+    if args.max_blocks is not None:
+        blocks = blocks[: args.max_blocks]
+    info.update(blocks=len(blocks), tokens=int(sum(b.numel() for b in blocks)))
+    return blocks, info
+
+
+def model_info(model, export: Path, run_dir: Path | None, stage: str, context_steps: int) -> dict:
+    from evaluation.flops import inference_flops_per_token, param_count, train_flops_per_token
+
+    config = model.config
+    return {
+        "name": (run_dir or export).name, "path": str(export), "run_dir": str(run_dir) if run_dir else None,
+        "stage": stage, "patch_size": getattr(config, "patch_size", 1),
+        "params": int(param_count(config, stage)),
+        "inference_flops_per_token": float(inference_flops_per_token(config, stage)),
+        "train_flops_per_token": float(train_flops_per_token(config, stage, context_steps)),
+    }
+
+
+def _sum_over_ranks(value: float) -> float:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+    return value
+
+
+def evaluate_model(args, path: str, rank: int, world: int, device: torch.device) -> tuple[dict, Path]:
+    from pretrain.models import load_model
+
+    export, run_dir, stage = resolve_model_dir(path)
+    model = load_model(stage, str(export), dtype=DTYPES[args.dtype]).to(device).eval()
+    k = getattr(model.config, "patch_size", 1) if stage != "baseline" else 1
+    context = args.context or (PAPER_STEPS * k if stage == "calm" else PAPER_STEPS)
+    blocks, data = load_blocks(args, export, stage, k, context, model.config.vocab_size)
+    result = {
+        "schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": [sys.executable, "-m", "evaluation", *sys.argv[1:]],
+        "model": model_info(model, export, run_dir, stage, context // k), "data": data,
+        "brierlm": None, "reconstruction": None, "generation": None,
+    }
+    start = time.perf_counter()
+    batches = ((ids.to(device), lengths) for ids, lengths in docs.batches(blocks, args.batch_size, rank, world))
+    if stage == "autoencoder":
+        gen = torch.Generator(device=device).manual_seed(args.seed + rank)
+        rec = reconstruction_eval(model, batches, tuple(args.noise_stds), gen, device)
+        rec.update(seed=args.seed, seconds=time.perf_counter() - start)
+        result["reconstruction"] = rec
+    else:
+        acc, calls = BrierAccumulator(), 0
+        if stage == "calm":
+            # the head's noise is drawn on the model's device; the baseline's uniforms on the CPU
+            sampler = CALMSampler(model, torch.Generator(device=device).manual_seed(args.seed + rank), args.max_queries)
+        else:
+            gen = torch.Generator().manual_seed(args.seed + rank)
+        for ids, lengths in batches:
+            if stage == "calm":
+                out = calm_brier(sampler, ids, lengths)
+            else:
+                out = baseline_brier_batched(model, ids, lengths, gen, args.max_queries)
+            acc.add(out.estimates)
+            calls += out.forward_calls
+        acc.all_reduce()
+        summary = acc.summary()
+        summary.update(seed=args.seed, world_size=world, forward_calls=int(_sum_over_ranks(calls)),
+                       seconds=time.perf_counter() - start, device=device.type, dtype=args.dtype)
+        result["brierlm"] = summary
+    out_path = Path(args.out) if args.out else (run_dir or export) / "eval" / f"{Path(args.data).stem}-ctx{context}.json"
+    return result, out_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world, device = init_distributed(args.device)
+    for path in args.model:
+        try:
+            result, out_path = evaluate_model(args, path, rank, world, device)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if rank == 0:
+            write_result(out_path, result)
+            line = result["brierlm"] or result["reconstruction"]
+            print(f"{result['model']['name']}: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in line.items() if isinstance(v, float)) + f" -> {out_path}", flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

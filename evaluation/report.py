@@ -1,0 +1,290 @@
+"""Comparison report over several runs: report.md, report.json and PNG plots, readable on GitHub.
+
+    python -m evaluation.report runs/baseline-tiny runs/calm-tiny runs/ae-tiny --out reports/tiny
+    bash run.sh report runs/* --out reports/all
+
+Each argument is a run directory (its `eval/*.json` results, `metrics.jsonl` and `export/`), an
+export directory (its `eval/*.json`), or one result JSON (schema: `evaluation.results`). Training
+FLOPs spent come from the run's `metrics.jsonl` (the last training record's `train_flops`); params
+and inference FLOPs per token from the result (`evaluation.flops`). A run without results still gets
+its training curves.
+
+Writes into --out:
+- `report.md`: one table row per result (params, train FLOPs, inference FLOPs/token, BrierLM ± se,
+  Brier-1..4, generation speed when measured, data and context), the AE fidelity table, the plots;
+- `report.json`: the same rows and curves as data (`"schema": "calm-report/1"`);
+- `frontier.png` (BrierLM vs training FLOPs, baselines vs CALM), `brier_n.png` (Brier-1..4 per model),
+  `training_curves.png` (loss vs tokens and vs FLOPs, one row per stage), `ae_robustness.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from evaluation.results import read_result
+
+FAMILY = {"baseline": "Transformer (baseline)", "calm": "CALM"}
+STAGE_ORDER = ("baseline", "calm", "autoencoder")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    records = []
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError(f"{path}:{lineno}: expected a metrics record with a 'step' key")
+            records.append(record)
+    return records
+
+
+def curves(records: list[dict]) -> dict:
+    """Train and validation loss against tokens and training FLOPs."""
+    train = [r for r in records if r.get("split", "train") == "train" and "loss" in r and "tokens_seen" in r]
+    val = [r for r in records if r.get("split") == "validation" and "loss" in r and "tokens_seen" in r]
+    with_flops = [r for r in train if r.get("train_flops") and r["tokens_seen"]]
+    per_token = with_flops[-1]["train_flops"] / with_flops[-1]["tokens_seen"] if with_flops else None
+
+    def series(rs):
+        return {"step": [r["step"] for r in rs], "tokens": [r["tokens_seen"] for r in rs],
+                "flops": [r["tokens_seen"] * per_token for r in rs] if per_token else None,
+                "loss": [r["loss"] for r in rs]}
+
+    return {"train": series(train), "validation": series(val),
+            "train_flops": max((r["train_flops"] for r in with_flops), default=None),
+            "tokens_seen": max((r["tokens_seen"] for r in train), default=None)}
+
+
+def collect(inputs: list[str]) -> tuple[list[dict], list[dict]]:
+    """(result rows, runs with curves) from run dirs, export dirs and result files."""
+    rows, runs, seen = [], [], set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            results, run_dir = [path], None
+        elif path.is_dir():
+            run_dir = path if (path / "metrics.jsonl").is_file() else None
+            results = sorted(path.glob("eval/*.json")) + sorted(path.glob("export/eval/*.json"))
+            if not results and run_dir is None:
+                raise FileNotFoundError(f"{path}: no eval/*.json results and no metrics.jsonl")
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+        for res_path in results:
+            result = read_result(res_path)
+            rd = run_dir or (Path(result["model"]["run_dir"]) if result["model"].get("run_dir") else None)
+            rows.append(_row(result, res_path, rd))
+            if rd is not None and (rd / "metrics.jsonl").is_file() and rd.resolve() not in seen:
+                seen.add(rd.resolve())
+                runs.append(_run(rd, result["model"]["stage"], result["model"]["name"]))
+        if run_dir is not None and run_dir.resolve() not in seen:
+            seen.add(run_dir.resolve())
+            runs.append(_run(run_dir, _stage_of_run(run_dir), run_dir.name))
+    return rows, runs
+
+
+def _stage_of_run(run_dir: Path) -> str | None:
+    training = run_dir / "export" / "training.json"
+    if training.is_file():
+        return json.loads(training.read_text()).get("stage")
+    return None
+
+
+def _run(run_dir: Path, stage: str | None, name: str) -> dict:
+    return {"name": name, "stage": stage, "run_dir": str(run_dir), **curves(read_metrics(run_dir / "metrics.jsonl"))}
+
+
+def _row(result: dict, path: Path, run_dir: Path | None) -> dict:
+    model, data = result["model"], result["data"]
+    spent = None
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        spent = curves(read_metrics(run_dir / "metrics.jsonl"))["train_flops"]
+    gen = result.get("generation") or {}
+    return {
+        "name": model["name"], "stage": model["stage"], "result": str(path), "params": model["params"],
+        "patch_size": model.get("patch_size", 1), "train_flops": spent,
+        "inference_flops_per_token": model["inference_flops_per_token"],
+        "data": Path(data["source"]).name + (f":{data['split']}" if data.get("split") else ""),
+        "context": data["context"], "brierlm": result["brierlm"], "reconstruction": result["reconstruction"],
+        "tokens_per_second": gen.get("tokens_per_second"),
+    }
+
+
+def _num(x: float | None, fmt: str = ".3g") -> str:
+    if x is None:
+        return "–"
+    if abs(x) >= 1e5 or (0 < abs(x) < 1e-3):
+        mant, exp = f"{x:.2e}".split("e")
+        return f"{mant}e{int(exp)}"
+    return str(x) if isinstance(x, int) else format(x, fmt)
+
+
+def _params(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def plot_all(rows: list[dict], runs: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    lm_rows = [r for r in rows if r["brierlm"]]
+    frontier = [r for r in lm_rows if r["train_flops"]]
+    if frontier:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for stage, marker in (("baseline", "o"), ("calm", "s")):
+            pts = [(r["train_flops"], r["brierlm"]["brierlm"], r) for r in frontier if r["stage"] == stage]
+            pts.sort(key=lambda p: p[0])
+            if not pts:
+                continue
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2]["brierlm"]["brierlm_se"] for p in pts],
+                        marker=marker, label=FAMILY[stage], capsize=3)
+            for f, b, r in pts:
+                ax.annotate(r["name"], (f, b), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel("BrierLM")
+        ax.set_title("Performance-compute frontier")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        made.append(_save(fig, out / "frontier.png"))
+    if lm_rows:
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(lm_rows) + 2), 4))
+        width = 0.8 / len(lm_rows)
+        for i, r in enumerate(lm_rows):
+            xs = [n + (i - (len(lm_rows) - 1) / 2) * width for n in range(4)]
+            ax.bar(xs, r["brierlm"]["brier_n"], width, yerr=r["brierlm"]["brier_n_se"], capsize=2, label=r["name"])
+        ax.set_xticks(range(4), [f"Brier-{n}" for n in range(1, 5)])
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_title("Brier-n per model")
+        ax.legend(fontsize=8)
+        made.append(_save(fig, out / "brier_n.png"))
+    curve_runs = [r for r in runs if r["train"]["loss"]]
+    if curve_runs:
+        stages = [s for s in STAGE_ORDER if any(r["stage"] == s for r in curve_runs)]
+        stages += sorted({str(r["stage"]) for r in curve_runs} - set(stages))
+        fig, axes = plt.subplots(len(stages), 2, figsize=(10, 3.2 * len(stages)), squeeze=False)
+        for row_axes, stage in zip(axes, stages):
+            for ax, key, label in ((row_axes[0], "tokens", "tokens"), (row_axes[1], "flops", "training FLOPs")):
+                for r in (r for r in curve_runs if str(r["stage"]) == stage):
+                    if r["train"][key]:
+                        line, = ax.plot(r["train"][key], r["train"]["loss"], label=f"{r['name']} train")
+                        if r["validation"][key]:
+                            ax.plot(r["validation"][key], r["validation"]["loss"], "o--", color=line.get_color(),
+                                    label=f"{r['name']} validation", markersize=3)
+                ax.set_xlabel(label)
+                ax.set_ylabel(f"{stage} loss")
+                ax.grid(alpha=0.3)
+                if ax.lines:
+                    ax.legend(fontsize=7)
+        fig.suptitle("Training curves")
+        made.append(_save(fig, out / "training_curves.png"))
+    ae_rows = [r for r in rows if r["reconstruction"]]
+    if ae_rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in ae_rows:
+            rob = r["reconstruction"]["robustness"]
+            ax.plot([p["noise_std"] for p in rob], [p["accuracy"] for p in rob], "o-", label=r["name"])
+        ax.set_xlabel("std of Gaussian noise added to the sampled latent")
+        ax.set_ylabel("token reconstruction accuracy")
+        ax.set_title("Autoencoder robustness")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        made.append(_save(fig, out / "ae_robustness.png"))
+    return made
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
+def markdown(rows: list[dict], runs: list[dict], plots: list[str]) -> str:
+    lines = ["# CALM evaluation report", ""]
+    lm_rows = [r for r in rows if r["brierlm"]]
+    if lm_rows:
+        lines += [
+            "## Language models", "",
+            "| model | stage | K | params | train FLOPs | infer FLOPs/token | BrierLM | Brier-1 | Brier-2 | Brier-3 "
+            "| Brier-4 | positions | gen tokens/s | data | context |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in lm_rows:
+            b = r["brierlm"]
+            briers = " | ".join(f"{v:.4f}" for v in b["brier_n"])
+            lines.append(
+                f"| {r['name']} | {r['stage']} | {r['patch_size']} | {_params(r['params'])} | {_num(r['train_flops'])} "
+                f"| {_num(r['inference_flops_per_token'])} | {b['brierlm']:.3f} ± {b['brierlm_se']:.3f} | {briers} "
+                f"| {b['positions']} | {_num(r['tokens_per_second'])} | {r['data']} | {r['context']} |"
+            )
+        lines += ["", "BrierLM = 100 · geometric mean of Brier-1..4 (floored at 0); ± one standard error "
+                      "(positions treated as independent). CALM parameters exclude the frozen autoencoder; "
+                      "training FLOPs are those of the run itself (calm.md §7).", ""]
+    ae_rows = [r for r in rows if r["reconstruction"]]
+    if ae_rows:
+        lines += ["## Autoencoders", "",
+                  "| model | params | accuracy (sampled z) | accuracy (z = μ) | tokens | data |", "|---|---|---|---|---|---|"]
+        for r in ae_rows:
+            rec = r["reconstruction"]
+            lines.append(f"| {r['name']} | {_params(r['params'])} | {rec['accuracy']:.5f} | {rec['accuracy_mean']:.5f} "
+                         f"| {rec['tokens']} | {r['data']} |")
+        lines.append("")
+    if runs:
+        lines += ["## Runs", "", "| run | stage | tokens seen | train FLOPs | last train loss | last validation loss |",
+                  "|---|---|---|---|---|---|"]
+        for r in runs:
+            train, val = (_num(r[s]["loss"][-1], ".4f") if r[s]["loss"] else "–" for s in ("train", "validation"))
+            lines.append(f"| {r['name']} | {r['stage'] or '?'} | {_num(r['tokens_seen'])} | {_num(r['train_flops'])} "
+                         f"| {train} | {val} |")
+        lines.append("")
+    titles = {"frontier.png": "BrierLM vs training FLOPs", "brier_n.png": "Brier-n per model",
+              "training_curves.png": "Training curves", "ae_robustness.png": "Autoencoder robustness"}
+    for name in plots:
+        lines += [f"## {titles[name]}", "", f"![{titles[name]}]({name})", ""]
+    return "\n".join(lines)
+
+
+def build_report(inputs: list[str], out: str | Path) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, runs = collect(inputs)
+    plots = plot_all(rows, runs, out)
+    report = {"schema": "calm-report/1", "inputs": inputs, "models": rows, "runs": runs, "plots": plots}
+    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    (out / "report.md").write_text(markdown(rows, runs, plots))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m evaluation.report", description=__doc__.split("\n")[0])
+    p.add_argument("inputs", nargs="+", help="run directories, export directories or result JSON files")
+    p.add_argument("--out", required=True, help="output directory")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        report = build_report(args.inputs, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {len(report['models'])} results, {len(report['runs'])} runs, plots {report['plots']} "
+          f"-> {Path(args.out) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

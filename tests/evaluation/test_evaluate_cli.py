@@ -1,0 +1,131 @@
+"""`python -m evaluation` on real tiny exported runs: documents, shards, WikiText-103, two ranks."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation import documents as docs
+from evaluation.__main__ import main
+from evaluation.brier_stats import BrierAccumulator
+from evaluation.brierlm import baseline_brier_batched
+from evaluation.reconstruction import reconstruction_eval
+from evaluation.results import read_result
+
+REPO = Path(__file__).resolve().parents[2]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext103_test_documents.jsonl"
+TEXT = ("The river rises in the hills north of the town and flows south through farmland. "
+        "In 1820 a mill was built on its bank; the mill burned down in 1871 and was never rebuilt. ")
+
+
+@pytest.fixture(scope="module")
+def doc_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": TEXT * n}) for n in (1, 3, 2)) + "\n")
+    return path
+
+
+def test_documents_reader_names_bad_lines(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*'text'"):
+        docs.read_documents(bad)
+    blocks = docs.split_blocks([list(range(10)), list(range(3))], context=4, multiple=2)
+    assert [b.tolist() for b in blocks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [0, 1]]
+
+
+def test_baseline_cli_matches_direct_estimate(tiny_runs, doc_file, tmp_path):
+    out = tmp_path / "base.json"
+    main(["--model", str(tiny_runs["baseline"]), "--data", str(doc_file), "--context", "48",
+          "--batch-size", "2", "--seed", "3", "--out", str(out)])
+    result = read_result(out)
+    assert result["model"]["stage"] == "baseline" and result["model"]["params"] > 0
+    assert result["data"]["documents"] == 3 and result["data"]["context"] == 48
+
+    from pretrain.models import load_model
+    from transformers import AutoTokenizer
+
+    export = tiny_runs["baseline"] / "export"
+    model = load_model("baseline", str(export)).eval()
+    blocks = docs.split_blocks(docs.tokenize_documents(AutoTokenizer.from_pretrained(export),
+                                                        docs.read_documents(doc_file)), 48)
+    assert result["data"]["tokens"] == sum(b.numel() for b in blocks)
+    acc, gen = BrierAccumulator(), torch.Generator().manual_seed(3)
+    for ids, lengths in docs.batches(blocks, 2):
+        acc.add(baseline_brier_batched(model, ids, lengths, gen).estimates)
+    expect = acc.summary()
+    got = result["brierlm"]
+    assert got["positions"] == expect["positions"] == sum(max(0, b.numel() - 4) for b in blocks)
+    assert got["brier_n"] == pytest.approx(expect["brier_n"], abs=1e-9)
+    assert got["brierlm"] == pytest.approx(expect["brierlm"], abs=1e-9)
+    assert got["seed"] == 3 and got["forward_calls"] >= len(blocks) / 2
+
+
+def test_calm_and_autoencoder_on_shards(tiny_runs, tiny_data_dir, tmp_path):
+    main(["--model", str(tiny_runs["calm"]), str(tiny_runs["autoencoder"]), "--data", str(tiny_data_dir),
+          "--split", "validation", "--context", "32", "--batch-size", "4", "--noise-stds", "0", "0.5", "4"])
+    calm = read_result(tiny_runs["calm"] / "eval" / f"{tiny_data_dir.name}-ctx32.json")
+    ae = read_result(tiny_runs["autoencoder"] / "eval" / f"{tiny_data_dir.name}-ctx32.json")
+    assert calm["data"]["kind"] == "shards" and calm["model"]["patch_size"] == 4
+    # 32-token blocks = 8 chunks; chunks 1..7 are predicted
+    assert calm["brierlm"]["positions"] == calm["data"]["blocks"] * 7
+    assert all(-1.0 <= b <= 2.0 for b in calm["brierlm"]["brier_n"])
+    rec = ae["reconstruction"]
+    assert rec["tokens"] == ae["data"]["tokens"]
+    assert [p["noise_std"] for p in rec["robustness"]] == [0.0, 0.5, 4.0]
+    assert rec["robustness"][0]["accuracy"] == rec["accuracy"]
+    assert rec["robustness"][2]["accuracy"] < rec["accuracy_mean"]
+
+
+def test_reconstruction_counts_only_real_tokens(tiny_runs):
+    from pretrain.models import load_model
+
+    ae = load_model("autoencoder", str(tiny_runs["autoencoder"] / "export")).eval()
+    blocks = [torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n)) for n in (16, 8, 4)]
+    rec = reconstruction_eval(ae, docs.batches(blocks, 3), noise_stds=(0.0,))
+    per_block = [float(ae.reconstruction_accuracy(b[None], sample=False)) * b.numel() for b in blocks]
+    assert rec["tokens"] == 28
+    assert rec["accuracy_mean"] == pytest.approx(sum(per_block) / 28)
+
+
+@pytest.mark.skipif(not WIKITEXT.is_file(), reason="shared WikiText-103 test documents not present")
+def test_baseline_on_wikitext_documents(tiny_runs, tmp_path):
+    out = tmp_path / "wiki.json"
+    main(["--model", str(tiny_runs["baseline"]), "--data", str(WIKITEXT), "--context", "128",
+          "--max-blocks", "2", "--out", str(out)])
+    result = read_result(out)
+    assert result["data"]["documents"] == 62
+    assert result["data"]["tokens"] == 256
+    assert result["brierlm"]["positions"] == 2 * (128 - 4)
+
+
+def test_two_ranks_all_reduce(tiny_runs, doc_file, tmp_path):
+    """Brier-1 is exact (no sampling), so two gloo ranks must reproduce the single-process value."""
+    single, double = tmp_path / "one.json", tmp_path / "two.json"
+    args = ["--model", str(tiny_runs["baseline"]), "--data", str(doc_file), "--context", "32"]
+    main([*args, "--out", str(single)])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                    "-m", "evaluation", *args, "--out", str(double)], check=True, cwd=REPO, env=env,
+                   capture_output=True, timeout=300)
+    one, two = read_result(single)["brierlm"], read_result(double)["brierlm"]
+    assert two["world_size"] == 2
+    assert two["positions"] == one["positions"]
+    assert two["brier_n"][0] == pytest.approx(one["brier_n"][0], abs=1e-9)
+
+
+def test_cli_names_what_is_wrong(tiny_runs, tmp_path, capsys):
+    assert main(["--model", str(tmp_path), "--data", "x.jsonl"]) == 2
+    assert "neither an exported model" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    assert main(["--model", str(tiny_runs["baseline"]), "--data", str(bad), "--out", str(tmp_path / "o.json")]) == 2
+    assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
