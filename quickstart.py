@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out if args.out.is_absolute() else REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
     small = args.small
-    ae_steps = args.ae_steps or (60 if small else 600)
-    calm_steps = args.calm_steps or (30 if small else 400)
+    ae_steps = args.ae_steps or (150 if small else 400)
+    calm_steps = args.calm_steps or (100 if small else 800)
     vocab, block = args.vocab_size, args.block_len
     pipe = Pipeline(out)
     started = time.perf_counter()

@@ -153,12 +153,14 @@ def test_incompatible_data_and_autoencoder_are_refused_before_training(tiny_data
     ae_dir = tmp_path / "ae"
     AutoencoderConfig(vocab_size=512, latent_size=16, patch_size=4).save_pretrained(ae_dir)
     with pytest.raises(ConfigError, match="latent_size: autoencoder 16 vs calm 32"):
-        check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}"), manifest)
+        check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}", "model.latent_size=32"),
+                            manifest)
     AutoencoderConfig(vocab_size=512, latent_size=32, patch_size=4).save_pretrained(ae_dir)
-    check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}"), manifest)
+    check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}", "model.latent_size=32"), manifest)
     (ae_dir / "training.json").write_text(json.dumps({"data_tokenizer": {"sha256": "0" * 64}}))
     with pytest.raises(ConfigError, match="shards of another tokenizer"):
-        check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}"), manifest)
+        check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}", "model.latent_size=32"),
+                            manifest)
 
 
 def test_ds_config_gets_batch_sizes_from_the_training_config(tiny_data_dir, tmp_path):
