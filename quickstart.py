@@ -30,15 +30,12 @@ PROMPT = "The history of the city"
 
 def _train_flops_spent(run_dir: Path) -> float:
     """Cumulative training FLOPs of a finished run (its last training record in metrics.jsonl)."""
-    last = None
-    with (run_dir / "metrics.jsonl").open() as fh:
-        for line in fh:
-            record = json.loads(line)
-            if record.get("split") == "train":
-                last = record
-    if last is None:
+    from evaluation.report import read_metrics
+
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "train"]
+    if not train:
         raise SystemExit(f"[quickstart] {run_dir}/metrics.jsonl has no training record")
-    return float(last["train_flops"])
+    return float(train[-1]["train_flops"])
 
 
 def _baseline_steps_for(flops: float, vocab: int, block: int) -> int:
@@ -60,14 +57,16 @@ class Pipeline:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
         self.env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
 
-    def step(self, name: str, args: list[str], log_name: str | None = None) -> None:
+    def step(self, name: str, args: list[str], log_name: str | None = None) -> str:
+        """Run `python ARGS`; stderr goes to the step's log, stdout too and is also returned."""
         log = self.out / "logs" / f"{log_name or name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"[quickstart] {name}: {' '.join(args)}\n[quickstart]   log: {log}", flush=True)
         start = time.perf_counter()
         with log.open("w") as fh:
-            proc = subprocess.run([sys.executable, *args], cwd=REPO, env=self.env, stdout=fh,
-                                  stderr=subprocess.STDOUT)
+            proc = subprocess.run([sys.executable, *args], cwd=REPO, env=self.env, stdout=subprocess.PIPE,
+                                  stderr=fh, text=True)
+            fh.write(proc.stdout)
         elapsed = time.perf_counter() - start
         self.timings[name] = self.timings.get(name, 0.0) + elapsed
         if proc.returncode != 0:
@@ -75,6 +74,7 @@ class Pipeline:
             raise SystemExit(f"[quickstart] {name} failed (exit {proc.returncode}) after {elapsed:.0f}s; "
                              f"last lines of {log}:\n" + "\n".join(tail))
         print(f"[quickstart]   done in {elapsed:.0f}s", flush=True)
+        return proc.stdout
 
 
 def _has_cuda() -> bool:
@@ -147,11 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     pipe.step("report", ["-m", "evaluation.report", *models, "--out", str(report)])
     samples = {}
     for stage in ("calm", "baseline"):
-        log_name = f"generate_{stage}"
-        pipe.step(f"generate ({stage})", ["-m", "evaluation.generate", "--model", str(runs[stage] / "export"),
-                                          "--prompt", PROMPT, "--max-new-tokens", "48", "--temperature", "0.5",
-                                          "--seed", "0"], log_name)
-        samples[stage] = (out / "logs" / f"{log_name}.log").read_text(errors="replace").strip()
+        samples[stage] = pipe.step(f"generate ({stage})", [
+            "-m", "evaluation.generate", "--model", str(runs[stage] / "export"), "--prompt", PROMPT,
+            "--max-new-tokens", "16" if small else "48", "--temperature", "0.5", "--seed", "0"],
+            f"generate_{stage}").strip()
 
     total = time.perf_counter() - started
     summary = {"out": str(out), "seconds_total": round(total, 1),

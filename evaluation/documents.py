@@ -16,11 +16,12 @@ padding; every estimator takes the true lengths, and causal attention makes padd
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from evaluation.results import read_jsonl
 
 
 def read_documents(path: str | Path, text_key: str = "text") -> list[str]:
@@ -31,17 +32,10 @@ def read_documents(path: str | Path, text_key: str = "text") -> list[str]:
     if path.suffix != ".jsonl":
         return [path.read_text(encoding="utf-8")]
     docs = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string field {text_key!r}")
-            docs.append(record[text_key])
+    for lineno, record in read_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+            raise ValueError(f"{path}:{lineno}: expected an object with a string field {text_key!r}")
+        docs.append(record[text_key])
     if not docs:
         raise ValueError(f"{path}: no documents")
     return docs

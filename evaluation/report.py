@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from evaluation.results import read_result
+from evaluation.results import read_jsonl, read_result
 
 FAMILY = {"baseline": "Transformer (baseline)", "calm": "CALM"}
 STAGE_ORDER = ("baseline", "calm", "autoencoder")
@@ -32,17 +32,10 @@ STAGE_ORDER = ("baseline", "calm", "autoencoder")
 
 def read_metrics(path: Path) -> list[dict]:
     records = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or "step" not in record:
-                raise ValueError(f"{path}:{lineno}: expected a metrics record with a 'step' key")
-            records.append(record)
+    for lineno, record in read_jsonl(path):
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(f"{path}:{lineno}: expected a metrics record with a 'step' key")
+        records.append(record)
     return records
 
 

@@ -48,6 +48,7 @@ something is wrong.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 SCHEMA = "calm-eval/1"
@@ -55,6 +56,19 @@ _REQUIRED = {
     "model": ("name", "path", "stage", "params", "inference_flops_per_token"),
     "data": ("source", "kind", "context", "blocks", "tokens"),
 }
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line; a malformed line names file and line."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
 
 
 def write_result(path: str | Path, result: dict) -> Path:

@@ -1,0 +1,242 @@
+"""Likelihood-free temperature sampling over decoded token chunks (calm.md §6).
+
+CALM's head gives samples, not probabilities, so temperature T is realised from repeated draws of
+the model distribution P over K-token chunks:
+
+- `exact_sample`: P(x)^(1/T)/Z exactly, any T in (0, 1]. With 1/T = n + α: n identical draws (a
+  rejection step for P^n), then a Bernoulli factory accepting with probability P(x)^α (draw; equal
+  accepts; otherwise restart with probability α/i). A cap on draws per row ends hopeless rows with a
+  flagged fallback (the batch rule on that row's last round of draws).
+- `batch_select` / `batch_sample`: the authors' approximation — N candidates, a value seen c times
+  is chosen with weight C(c, n) (an unbiased estimate of P^n up to the constant C(N, n)), falling back
+  to n−1, n−2, … when no value is seen n times; biased for finite N, exact as N → ∞. For fractional
+  α the weight is multiplied by the plug-in (c/N)^α.
+
+Both work on a black box `sample_fn(rows, num) -> LongTensor (len(rows), num, K)` returning `num`
+independent decoded chunks for each listed batch row, and are vectorised over the batch: duplicates
+are counted by sorting each row's candidates (no Python loop over candidates), and rows that are
+done stop drawing.
+
+Chunks may be constrained to start with a given prefix (the tail of a prompt whose length is not a
+multiple of K): draws whose first `prefix_len` tokens differ are discarded, which samples the
+conditional distribution exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+SampleFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class SampleResult:
+    """One chunk per batch row, with what it cost."""
+
+    tokens: torch.Tensor
+    """(B, K) chosen chunks."""
+    draws: torch.Tensor
+    """(B,) samples drawn from the model for each row."""
+    calls: int
+    """Calls to `sample_fn` (each draws for all rows still running)."""
+    capped: torch.Tensor
+    """(B,) bool: the exact sampler hit `max_draws`; the chunk came from the batch rule instead."""
+    matched: torch.Tensor
+    """(B,) bool: the chunk honours the prefix constraint (always true without one)."""
+    decoded: int = 0
+    """Chunks `sample_fn` produced in total, including draws discarded after a row's acceptance."""
+
+
+def split_temperature(temperature: float) -> tuple[int, float]:
+    """1/T = n + α with n ≥ 1 an integer and α in [0, 1); 1/T within 1e-9 of an integer counts as one."""
+    if not 0.0 < temperature <= 1.0:
+        raise ValueError(f"temperature must be in (0, 1], got {temperature}")
+    inverse = 1.0 / temperature
+    n = round(inverse)
+    if abs(inverse - n) < 1e-9:
+        return n, 0.0
+    n = math.floor(inverse)
+    return n, inverse - n
+
+
+def prefix_mask(chunks: torch.Tensor, prefix: torch.Tensor | None, prefix_len: torch.Tensor | None) -> torch.Tensor:
+    """(R, M) bool: chunk (R, M, K) starts with the row's first prefix_len tokens of prefix (R, K)."""
+    if prefix is None:
+        return torch.ones(chunks.shape[:2], dtype=torch.bool, device=chunks.device)
+    k = chunks.shape[-1]
+    free = torch.arange(k, device=chunks.device)[None, :] >= prefix_len[:, None]
+    return ((chunks == prefix[:, None, :]) | free[:, None, :]).all(-1)
+
+
+def duplicate_counts(chunks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, N) how many valid candidates of the row equal each candidate (0 for invalid ones).
+
+    Exact and O(B·N·K·log N): a lexicographic sort of each row (stable argsort per token column,
+    least significant first), run boundaries where neighbours differ, run lengths scattered back.
+    """
+    b, num, k = chunks.shape
+    keys = torch.cat([(~valid).long()[..., None], chunks.long()], dim=-1)
+    order = torch.arange(num, device=chunks.device).expand(b, num)
+    for col in reversed(range(k + 1)):
+        column = keys[..., col].gather(1, order)
+        order = order.gather(1, column.argsort(dim=1, stable=True))
+    ranked = keys.gather(1, order[..., None].expand(-1, -1, k + 1))
+    boundary = (ranked[:, 1:] != ranked[:, :-1]).any(-1)
+    run = torch.cat([boundary.new_zeros(b, 1), boundary], dim=1).long().cumsum(1)
+    sizes = torch.zeros(b, num, dtype=torch.long, device=chunks.device).scatter_add_(1, run, torch.ones_like(run))
+    counts = torch.empty_like(run).scatter_(1, order, sizes.gather(1, run))
+    return counts * valid
+
+
+def batch_select(
+    chunks: torch.Tensor,
+    temperature: float,
+    valid: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one of N candidates per row by the duplicate-count rule.
+
+    chunks (B, N, K); valid (B, N) bool marks usable candidates (rows without any use all).
+    Returns (index (B,) into N, level (B,)): level is the n actually used (< n after fallback).
+    """
+    n, alpha = split_temperature(temperature)
+    b, num, _ = chunks.shape
+    if valid is None:
+        valid = torch.ones(b, num, dtype=torch.bool, device=chunks.device)
+    valid = valid | ~valid.any(-1, keepdim=True)
+    counts = duplicate_counts(chunks, valid)
+    level = counts.max(-1).values.clamp(max=n)
+    c = counts.to(torch.float64)
+    lv = level[:, None].to(torch.float64)
+    # per value C(c, level)·(c/N)^α, shared among its c copies -> per candidate C(c, level)·(c/N)^α / c
+    log_w = (
+        torch.lgamma(c + 1) - torch.lgamma(lv + 1) - torch.lgamma((c - lv).clamp(min=0) + 1)
+        + alpha * torch.log(c / valid.sum(-1, keepdim=True)) - torch.log(c)
+    )
+    log_w = log_w.masked_fill(counts < level[:, None], -math.inf)
+    u = torch.rand(log_w.shape, generator=generator, dtype=torch.float64, device=chunks.device)
+    gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
+    return (log_w + gumbel).argmax(-1), level
+
+
+def _gather(chunks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return chunks[torch.arange(chunks.shape[0], device=chunks.device), index]
+
+
+def batch_sample(
+    sample_fn: SampleFn,
+    batch_size: int,
+    temperature: float,
+    num_candidates: int = 200,
+    generator: torch.Generator | None = None,
+    prefix: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> SampleResult:
+    """Draw `num_candidates` chunks per row in one call and pick one with `batch_select`.
+    At T = 1 without a prefix a single draw is the exact answer, so only one is drawn."""
+    rows = torch.arange(batch_size, device=device)
+    num = 1 if (temperature == 1.0 and prefix is None) else num_candidates
+    chunks = sample_fn(rows, num)
+    valid = prefix_mask(chunks, prefix, prefix_len)
+    index, _ = batch_select(chunks, temperature, valid, generator)
+    return SampleResult(
+        tokens=_gather(chunks, index),
+        draws=torch.full((batch_size,), num, dtype=torch.long, device=device),
+        calls=1,
+        capped=torch.zeros(batch_size, dtype=torch.bool, device=device),
+        matched=_gather(valid, index) & valid.any(-1),
+        decoded=batch_size * num,
+    )
+
+
+def exact_sample(
+    sample_fn: SampleFn,
+    batch_size: int,
+    temperature: float,
+    max_draws: int = 1000,
+    generator: torch.Generator | None = None,
+    prefix: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | None = None,
+    first_round: int | None = None,
+    max_round: int = 64,
+    device: torch.device | str = "cpu",
+) -> SampleResult:
+    """Exact temperature sampling, one chunk per row, at most `max_draws` model draws per row.
+
+    Draws come in rounds: each call asks `sample_fn` for m chunks per unfinished row (m starts at
+    `first_round`, by default the minimum an acceptance needs, n, +1 when α > 0; always 1 at T = 1
+    without a prefix; then doubling up to `max_round`), and the
+    per-row state machine consumes them in order, so batching draws changes cost, not the
+    distribution (draws after a row's acceptance are discarded unseen). Rows reaching `max_draws`
+    are `capped` and take `batch_select` over their last round instead.
+    """
+    n, alpha = split_temperature(temperature)
+    m = first_round or (n + (1 if alpha > 0 else 0))
+    if n == 1 and alpha == 0 and prefix is None:
+        m = 1  # T = 1: the first draw is always accepted
+    tokens = prefix.clone() if prefix is not None else None
+    kept: torch.Tensor | None = None  # candidate x per row (B, K)
+    run = torch.zeros(batch_size, dtype=torch.long, device=device)  # identical draws so far (step 1)
+    loop_i = torch.zeros(batch_size, dtype=torch.long, device=device)  # factory index i, 0 = step 1
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    draws = torch.zeros(batch_size, dtype=torch.long, device=device)
+    capped = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    matched = torch.ones(batch_size, dtype=torch.bool, device=device)
+    calls = decoded = 0
+    while not done.all():
+        rows = (~done).nonzero().squeeze(-1)
+        room = int((max_draws - draws[rows]).min())
+        num = max(1, min(m, room))
+        chunks = sample_fn(rows, num)
+        calls += 1
+        decoded += len(rows) * num
+        if kept is None:
+            kept = torch.zeros(batch_size, chunks.shape[-1], dtype=chunks.dtype, device=device)
+            if tokens is None:
+                tokens = kept.clone()
+        sub_prefix = prefix[rows] if prefix is not None else None
+        sub_len = prefix_len[rows] if prefix_len is not None else None
+        usable = prefix_mask(chunks, sub_prefix, sub_len)
+        for j in range(num):
+            live = ~done[rows]
+            if not live.any():
+                break
+            r = rows[live]
+            d = chunks[live, j]
+            ok = usable[live, j]
+            draws[r] += 1
+            x = kept[r]
+            same = (d == x).all(-1)
+            i = loop_i[r]
+            c = run[r]
+            in_factory = i > 0
+            # step 1: the first draw of an attempt becomes x; a different one ends the attempt
+            start = ok & ~in_factory & (c == 0)
+            grow = ok & ~in_factory & (c > 0) & same
+            c = torch.where(start | grow, c + 1, torch.where(ok & ~in_factory, 0, c))
+            x = torch.where(start[:, None], d, x)
+            # step 2: equal accepts; otherwise restart with probability α / i
+            u = torch.rand(r.shape, generator=generator, device=device)
+            restart = ok & in_factory & ~same & (u < alpha / i.clamp(min=1))
+            accept = (ok & in_factory & same) | (~in_factory & (c == n) & (alpha == 0))
+            enter = ~in_factory & (c == n) & (alpha > 0)
+            i = torch.where(enter, 1, torch.where(restart, 0, torch.where(ok & in_factory, i + 1, i)))
+            c = torch.where(restart, 0, c)
+            kept[r], run[r], loop_i[r] = x, c, i
+            tokens[r] = torch.where(accept[:, None], x, tokens[r])
+            done[r] |= accept
+        hit = ~done[rows] & (draws[rows] >= max_draws)
+        if hit.any():
+            r = rows[hit]
+            index, _ = batch_select(chunks[hit], temperature, usable[hit], generator)
+            tokens[r] = _gather(chunks[hit], index)
+            matched[r] = _gather(usable[hit], index) & usable[hit].any(-1)
+            capped[r] = True
+            done[r] = True
+        m = min(2 * m, max_round)
+    return SampleResult(tokens=tokens, draws=draws, calls=calls, capped=capped, matched=matched, decoded=decoded)
