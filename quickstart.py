@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     small = args.small
     ae_steps = args.ae_steps or (150 if small else 400)
-    calm_steps = args.calm_steps or (100 if small else 800)
+    calm_steps = args.calm_steps or (100 if small else 1200)
     vocab, block = args.vocab_size, args.block_len
     pipe = Pipeline(out)
     started = time.perf_counter()
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                                     f"run_dir={runs['autoencoder']}", f"max_steps={ae_steps}",
                                     f"save_every={ae_steps}", f"eval_every={max(ae_steps // 3, 1)}"], "train_ae")
     pipe.step("train calm", ["-m", "pretrain", "--stage", "calm", "--config", "calm-tiny", *common,
-                             f"run_dir={runs['calm']}", f"ae_path={runs['autoencoder'] / 'export'}",
+                             f"run_dir={runs['calm']}", f"ae_path={runs['autoencoder'] / 'export'}", "optim.lr=3e-3",
                              f"max_steps={calm_steps}", f"save_every={calm_steps}",
                              f"eval_every={max(calm_steps // 4, 1)}"], "train_calm")
     # The baseline gets the training FLOPs CALM spent (counted the same way, evaluation.flops).

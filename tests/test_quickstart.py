@@ -31,10 +31,13 @@ def test_quickstart_small_produces_a_sane_report(tmp_path):
     heldout = "data:validation"
     for stage in ("calm", "baseline"):
         row = rows[(stage, heldout)]
-        assert 0 < row["brierlm"]["brierlm"] < 100, row["brierlm"]
+        assert 0 <= row["brierlm"]["brierlm"] < 100, row["brierlm"]
         assert all(-1 <= b <= 1 for b in row["brierlm"]["brier_n"])
         assert row["brierlm"]["positions"] > 0
         assert row["train_flops"] > 0 and row["inference_flops_per_token"] > 0 and row["params"] > 0
+    # A few minutes of CPU training is enough for the baseline's Brier-1..4 to be positive; the
+    # tiny CALM's Brier-3/4 are still ~0 at this scale, so its BrierLM may floor at 0.
+    assert rows[("baseline", heldout)]["brierlm"]["brierlm"] > 0
     # CALM's backbone runs once per K tokens: less inference compute than the same-size baseline.
     assert (rows[("calm", heldout)]["inference_flops_per_token"]
             < rows[("baseline", heldout)]["inference_flops_per_token"])

@@ -112,10 +112,13 @@ def test_two_ranks_all_reduce(tiny_runs, doc_file, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                    "-m", "evaluation", *args, "--out", str(double)], check=True, cwd=REPO, env=env,
-                   capture_output=True, timeout=300)
+    # In-process world-1 runs earlier in the session leave RANK/WORLD_SIZE/MASTER_* in os.environ.
+    stale = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in stale} | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           port, "-m", "evaluation", *args, "--out", str(double)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = read_result(single)["brierlm"], read_result(double)["brierlm"]
     assert two["world_size"] == 2
     assert two["positions"] == one["positions"]

@@ -183,3 +183,36 @@ def test_screened_argmax_decoder_matches_float32_decoding(shortlist):
     assert torch.equal(decoder(latents), model.decode_latents(latents))
     # a shortlist of 1 can rarely be certified: the float32 fallback must then carry the result
     assert (decoder.fallbacks > 0) == (shortlist == 1)
+
+
+def test_draws_certified_against_references_match_float32_decoding():
+    from evaluation.argmax_decode import ArgmaxDecoder
+
+    torch.manual_seed(2)
+    ae = dict(vocab_size=3000, hidden_size=64, intermediate_size=128, latent_size=8, patch_size=K)
+    model = build_model("calm", dict(vocab_size=3000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=4, latent_size=8, patch_size=K,
+                                     num_mlp_layers=1, ae_config=ae), device="cpu").eval()
+    # draws cluster around a few latents per row (repeats, tiny and large perturbations), as a peaked
+    # head's do, so certificates succeed, fail and fall back to further references and the screen
+    rows, draws = 6, 24
+    centres = torch.randn(rows, 3, 8) * 3
+    pick = torch.randint(0, 3, (rows, draws))
+    scale = torch.tensor([0.0, 1e-3, 0.3])[torch.randint(0, 3, (rows, draws))]
+    latents = centres.gather(1, pick[..., None].expand(-1, -1, 8)) + scale[..., None] * torch.randn(rows, draws, 8)
+    expected = model.decode_latents(latents).view(rows, draws, K)
+    decoder = ArgmaxDecoder(model, min_certifiable=0)
+    assert torch.equal(decoder.decode_draws(latents), expected)
+    assert decoder.projected < rows * draws * K  # most draws skipped the full-vocabulary pass
+    screened_only = ArgmaxDecoder(model, max_references=0)
+    assert torch.equal(screened_only.decode_draws(latents), expected)
+    assert screened_only.projected == rows * draws * K
+
+
+def test_generation_is_the_same_with_and_without_certified_decoding():
+    model = tiny_calm(seed=3)
+    # 4 rows x K x 15 later draws per call reach ArgmaxDecoder's min_certifiable: references are used
+    prompts = [[EOS, 5, 6, 7, 8, 9], [EOS, 11, 12, 13], [EOS, 20], [EOS, 30, 31, 32, 33]]
+    outputs = [calm_generate(model, prompts, 24, temperature=0.5, seed=4, first_round=16, eos_token_id=None,
+                             screened_decode=screened).sequences for screened in (True, False)]
+    assert torch.equal(*outputs)
