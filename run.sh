@@ -17,7 +17,7 @@
 #   HOSTFILE=path                 with LAUNCHER=deepspeed: a DeepSpeed hostfile
 #   Under SLURM (LAUNCHER=slurm, inside sbatch): one torchrun per node via srun, NNODES, NODE_RANK
 #   and MASTER_ADDR taken from SLURM_* variables.
-#   WANDB_API_KEY / WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY and NCCL_* are exported to every node.
+#   Every launched process inherits this environment (WANDB_API_KEY, WANDB_MODE, NCCL_*, ...).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -129,7 +129,7 @@ case "$cmd" in
     setup; export_common_env; export OMP_NUM_THREADS=1
     exec "$PY" -m pytest "$@" ;;
   help|-h|--help)
-    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
     die "unknown command '$cmd' (try: bash run.sh help)" ;;
 esac
