@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from evaluation.argmax_decode import ArgmaxDecoder
+from evaluation.argmax_decode import ArgmaxDecoder, StreamMemory
 from evaluation.sampling import batch_sample, exact_sample
 
 TokenCallback = Callable[[list[list[int]]], None]
@@ -51,6 +51,8 @@ class GenerationOutput:
     """Head samples decoded to tokens (≥ draws: a round's draws after a row's acceptance are wasted)."""
     calls: int = 0
     """Head + decoder calls (each one batched over the rows still sampling)."""
+    projected: int = 0
+    """Chunk positions decoded through the full-vocabulary projection (the rest were certified cheaply)."""
 
 
 def _prepare_context(prompts: list[list[int]], k: int, filler: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,8 +102,10 @@ def calm_generate(
     tokens: the energy head draws latents, the autoencoder decodes them (argmax), and the chosen
     sampler turns draws into a chunk at `temperature` ('exact': exact for any T in (0, 1], capped at
     `max_draws` draws per chunk, `first_round` draws in its first call; 'batch': `num_candidates`
-    draws, approximate). Draws are decoded to tokens by `ArgmaxDecoder` (bf16 screen, certified
-    exact; `screened_decode=False` uses `model.decode_latents`).
+    draws, approximate). Draws are decoded to tokens by `ArgmaxDecoder.decode_draws` (bf16 screen,
+    and for most draws a certificate against a screened draw of the same row, kept over the chunk's
+    calls in a `StreamMemory`, instead of the full-vocabulary projection; exact either way;
+    `screened_decode=False` uses `model.decode_latents`).
 
     Prompts whose length is not a multiple of K: the whole chunks are the context (rows of different
     lengths are left-padded by whole chunks that the attention mask hides, with positions counted
@@ -127,7 +131,7 @@ def calm_generate(
     k = model.patch_size
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    decode = ArgmaxDecoder(model) if screened_decode else model.decode_latents
+    decoder = ArgmaxDecoder(model) if screened_decode else None
 
     ids, mask, prefix, prefix_len = (t.to(device) for t in _prepare_context(prompts, k, pad if eos is None else eos))
     b = ids.shape[0]
@@ -144,10 +148,13 @@ def calm_generate(
     while True:
         active = (~done).nonzero().squeeze(-1)
         h_act = h[active]
+        memory = StreamMemory(decoder, b) if decoder is not None else None  # references live for one chunk
 
         def sample_fn(rows: torch.Tensor, num: int) -> torch.Tensor:
-            latents = model.sample_latents(h_act[rows], num_samples=num, generator=gen)  # (num, R, l)
-            return decode(latents.transpose(0, 1)).view(len(rows), num, k)
+            latents = model.sample_latents(h_act[rows], num_samples=num, generator=gen).transpose(0, 1)  # (R, num, l)
+            if decoder is None:  # the AE decoder reads the num draws as num time steps
+                return model.decode_latents(latents).view(len(rows), num, k)
+            return decoder.decode_draws(latents, memory, active[rows])
 
         constrain = first and bool(prefix_len.any())
         kwargs = dict(generator=gen, device=device,
@@ -196,7 +203,8 @@ def calm_generate(
         out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     lengths = torch.tensor([len(tokens) for tokens in generated])
     return GenerationOutput(sequences=out.to(device), lengths=lengths.to(device), backbone_calls=backbone_calls,
-                            steps=steps, draws=draws, capped=capped, decoded=decoded, calls=calls)
+                            steps=steps, draws=draws, capped=capped, decoded=decoded, calls=calls,
+                            projected=decoder.projected if decoder is not None else decoded * k)
 
 
 @torch.no_grad()

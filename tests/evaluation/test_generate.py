@@ -186,7 +186,7 @@ def test_screened_argmax_decoder_matches_float32_decoding(shortlist):
 
 
 def test_draws_certified_against_references_match_float32_decoding():
-    from evaluation.argmax_decode import ArgmaxDecoder
+    from evaluation.argmax_decode import ArgmaxDecoder, StreamMemory
 
     torch.manual_seed(2)
     ae = dict(vocab_size=3000, hidden_size=64, intermediate_size=128, latent_size=8, patch_size=K)
@@ -204,6 +204,15 @@ def test_draws_certified_against_references_match_float32_decoding():
     decoder = ArgmaxDecoder(model, min_certifiable=0)
     assert torch.equal(decoder.decode_draws(latents), expected)
     assert decoder.projected < rows * draws * K  # most draws skipped the full-vocabulary pass
+    # a memory carries each stream's first reference into the next call (rows given in any order)
+    memory_decoder = ArgmaxDecoder(model, max_references=0)
+    memory = StreamMemory(memory_decoder, rows)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    first = memory_decoder.decode_draws(latents[order, :4], memory, order)
+    projected = memory_decoder.projected
+    assert torch.equal(first, expected[order, :4])
+    assert torch.equal(memory_decoder.decode_draws(latents[:, 4:], memory, torch.arange(rows)), expected[:, 4:])
+    assert memory_decoder.projected - projected < rows * (draws - 4) * K
     screened_only = ArgmaxDecoder(model, max_references=0)
     assert torch.equal(screened_only.decode_draws(latents), expected)
     assert screened_only.projected == rows * draws * K
