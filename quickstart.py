@@ -54,8 +54,7 @@ class Pipeline:
     def __init__(self, out: Path):
         self.out = out
         self.timings: dict[str, float] = {}
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
-        self.env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
 
     def step(self, name: str, args: list[str], log_name: str | None = None) -> str:
         """Run `python ARGS`; stderr goes to the step's log, stdout too and is also returned."""
@@ -75,12 +74,6 @@ class Pipeline:
                              f"last lines of {log}:\n" + "\n".join(tail))
         print(f"[quickstart]   done in {elapsed:.0f}s", flush=True)
         return proc.stdout
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

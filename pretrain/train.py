@@ -210,6 +210,13 @@ class Trainer:
         self.loader = ShardLoader(config.data.path, config.data.train_split, config.micro_batch_size,
                                   rank=world.rank, world_size=world.world_size, seed=config.seed, shuffle=True)
         check_compatibility(config, self.loader.manifest)
+        if config.eval_every:
+            # One validation loader for the whole run, rewound before each validation: its shards are
+            # checksummed once, and a missing validation split fails here, before any step.
+            self.val_loader = ShardLoader(config.data.path, config.data.val_split, config.micro_batch_size,
+                                          rank=world.rank, world_size=world.world_size, seed=config.seed,
+                                          shuffle=False)
+            self.val_start = self.val_loader.state_dict()
         self.block_len = self.loader.block_len
         self.precision = resolve_precision(config, world.device)
         self.ds_config = build_ds_config(config, world.world_size, self.precision, REPO_ROOT)
@@ -361,17 +368,14 @@ class Trainer:
     def validate(self, step: int, tokens_seen: int) -> dict[str, Any]:
         """Mean validation metrics over `eval_batches` batches per rank (same count on every rank,
         since every ZeRO-3 forward is collective), with a fixed seed so steps are comparable."""
-        from pretrain.data import ShardLoader
-
         config, world, engine = self.config, self.world, self.engine
-        loader = ShardLoader(config.data.path, config.data.val_split, config.micro_batch_size, rank=world.rank,
-                             world_size=world.world_size, seed=config.seed, shuffle=False)
+        self.val_loader.load_state_dict(self.val_start)
         plain_ae = self._plain_autoencoder() if config.stage == "autoencoder" else None
         engine.eval()
         sums: dict[str, float] = {}
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
             torch.manual_seed(config.seed)
-            for _, batch in zip(range(config.eval_batches), loader):
+            for _, batch in zip(range(config.eval_batches), self.val_loader):
                 for name, value in self._eval_batch(batch.to(world.device), plain_ae).items():
                     sums[name] = sums.get(name, 0.0) + value
         engine.train()
