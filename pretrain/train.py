@@ -146,7 +146,9 @@ def build_model(config: TrainConfig, ds_config: dict, device: torch.device, dtyp
     if config.stage == "calm":
         # Replace the (randomly initialised, possibly partitioned) placeholder with the trained weights.
         del model._modules["ae_model"]
-        frozen_ae = Autoencoder.from_pretrained(config.ae_path).to(device=device, dtype=dtype).eval()
+        # Kept in float32 even in bf16 runs: the targets are the autoencoder's exact posteriors
+        # (the authors' bf16 encoder moved them by ~7e-3), and the encoder is cheap next to the backbone.
+        frozen_ae = Autoencoder.from_pretrained(config.ae_path).to(device=device, dtype=torch.float32).eval()
         frozen_ae.requires_grad_(False)
         # A plain attribute: visible to CALM.forward, invisible to parameters(), state_dict() and ZeRO.
         object.__setattr__(model, "ae_model", frozen_ae)
