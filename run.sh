@@ -72,6 +72,31 @@ export_common_env() {
   if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"; fi
 }
 
+# The first host of a SLURM hostlist ("gpu-[003-005,010],cpu1" -> gpu-003): the rendezvous node.
+# scontrol expands it where SLURM's tools are installed; without them (a container holding only the
+# job's environment) the hostlist syntax is read here: name parts and [ranges] up to the first
+# top-level comma, taking the first number of each range with its zero padding.
+first_slurm_host() {
+  local list="$1" rest host="" range
+  if command -v scontrol >/dev/null 2>&1; then
+    scontrol show hostnames "$list" | head -n 1
+    return
+  fi
+  local re_name='^([^],[]+)(.*)$' re_range='^\[([^]]+)\](.*)$'
+  rest="$list"
+  while [[ -n "$rest" && "${rest:0:1}" != "," ]]; do
+    if [[ "$rest" =~ $re_range ]]; then
+      range="${BASH_REMATCH[1]%%,*}"; host+="${range%%-*}"; rest="${BASH_REMATCH[2]}"
+    elif [[ "$rest" =~ $re_name ]]; then
+      host+="${BASH_REMATCH[1]}"; rest="${BASH_REMATCH[2]}"
+    else
+      die "cannot read the first host of SLURM_JOB_NODELIST='$list' (and scontrol is not installed)"
+    fi
+  done
+  [[ -n "$host" ]] || die "SLURM_JOB_NODELIST is empty; run inside an allocation (sbatch/salloc)"
+  echo "$host"
+}
+
 # Launch `python -m MODULE ARGS...` under the launcher chosen by the environment.
 launch() {
   local module="$1"; shift
@@ -96,12 +121,15 @@ launch() {
       exec "$VENV/bin/deepspeed" --num_gpus "$nproc" "${args[@]}" --module "$module" "$@" ;;
     slurm)
       [[ -n "${SLURM_JOB_ID:-}" ]] || die "LAUNCHER=slurm must run inside a SLURM allocation (sbatch/salloc)"
-      local head
-      head="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+      command -v srun >/dev/null 2>&1 || die "LAUNCHER=slurm needs srun on PATH"
+      local head nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-}}"
+      [[ -n "$nodes" ]] || die "neither SLURM_JOB_NUM_NODES nor SLURM_NNODES is set in this allocation"
+      head="$(first_slurm_host "${SLURM_JOB_NODELIST:-}")"
       export MASTER_ADDR="$head" MASTER_PORT="$port"
+      log "SLURM job $SLURM_JOB_ID: $nodes node(s) x $nproc process(es), rendezvous at $head:$port"
       # srun starts one torchrun per node; each reads its node rank from SLURM_NODEID.
-      exec srun --nodes "$SLURM_JOB_NUM_NODES" --ntasks-per-node 1 --export=ALL bash -c \
-        "exec '$VENV/bin/torchrun' --nnodes '$SLURM_JOB_NUM_NODES' --node_rank \"\$SLURM_NODEID\" \
+      exec srun --nodes "$nodes" --ntasks-per-node 1 --export=ALL bash -c \
+        "exec '$VENV/bin/torchrun' --nnodes '$nodes' --node_rank \"\$SLURM_NODEID\" \
          --nproc_per_node '$nproc' --master_addr '$head' --master_port '$port' -m '$module' $(printf '%q ' "$@")" ;;
     *)
       die "unknown LAUNCHER=$launcher (torchrun, deepspeed, slurm or python)" ;;

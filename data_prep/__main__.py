@@ -14,7 +14,7 @@ directory, so there is no multi-node form of this command. Examples:
     python -m data_prep --input corpus/ extra.jsonl.gz --text-field content \
         --tokenizer /models/llama3-tokenizer --block-len 2048 --output data/mine
 
-    # a Hugging Face dataset (hub name or a save_to_disk directory), streamed
+    # a Hugging Face dataset (hub name, save_to_disk directory or local clone of the hub repository), streamed
     python -m data_prep --input HuggingFaceFW/fineweb-edu --hf-config sample-10BT --streaming \
         --tokenizer gpt2 --output data/fineweb
 
@@ -53,7 +53,8 @@ def parse_args(argv: list[str]) -> PrepConfig:
     io = p.add_argument_group("inputs and output")
     io.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_DATASET",
                     help="files (.jsonl[.gz], .json[.gz], .txt[.gz], .parquet), directories of them, "
-                         "Hugging Face dataset names or save_to_disk directories, or builtin:wiki")
+                         "Hugging Face dataset names, save_to_disk directories or local clones of hub "
+                         "dataset repositories, or builtin:wiki")
     io.add_argument("--output", required=True, type=Path, help="output directory")
     io.add_argument("--text-field", default="text", help="key (JSON) or column (Parquet, datasets) holding the text")
     io.add_argument("--txt-mode", choices=("file", "paragraph"), default="file",

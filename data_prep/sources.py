@@ -1,5 +1,10 @@
 """Readers that turn inputs (files, directories, HF datasets, the built-in corpus) into documents.
 
+A Hugging Face dataset is a hub name, a `save_to_disk` directory, or a local copy of a hub
+repository (a directory whose README.md dataset card lists `configs`, as `git clone` of the hub
+repository gives); hub names and local copies go through the same `datasets.load_dataset` call with
+--hf-config, --hf-split and --streaming.
+
 Every input is read in a fixed order (directories sorted) so the document stream, and therefore
 the shards, are reproducible. Anything that cannot become a document is reported through
 `BadInput`: a message naming the file and line, a count per kind for the manifest, and with
@@ -15,6 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+import yaml
 
 from data_prep.builtin import BUILTIN_CORPORA
 
@@ -97,6 +104,21 @@ def is_hf_disk_dataset(path: Path) -> bool:
                               or (path / "state.json").exists())
 
 
+def is_hf_repo(path: Path) -> bool:
+    """A local copy of a hub dataset repository: its dataset card's YAML header declares `configs`."""
+    card = path / "README.md"
+    if not (path.is_dir() and card.is_file()):
+        return False
+    parts = card.read_text(errors="replace").split("---", 2)
+    if len(parts) < 3 or parts[0].strip():
+        return False
+    try:
+        header = yaml.safe_load(parts[1])
+    except yaml.YAMLError:
+        return False
+    return isinstance(header, dict) and "configs" in header
+
+
 def resolve_inputs(specs: list[str], bad: BadInput) -> list[dict]:
     """Expands directories into files and classifies each input; records missing paths and unknown formats."""
     resolved = []
@@ -109,6 +131,8 @@ def resolve_inputs(specs: list[str], bad: BadInput) -> list[dict]:
         path = Path(spec).expanduser()
         if path.is_dir() and is_hf_disk_dataset(path):
             resolved.append({"kind": "hf_disk", "spec": spec, "path": path})
+        elif is_hf_repo(path):
+            resolved.append({"kind": "hf_repo", "spec": spec, "path": path})
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
             if not files:
@@ -139,10 +163,10 @@ def describe(source: dict, documents: int, opts: SourceOptions) -> dict:
     if source["kind"] in ("file", "builtin"):
         entry.update(path=str(source["path"]), bytes=source["path"].stat().st_size,
                      sha256=sha256_file(source["path"]))
-    elif source["kind"] == "hf_hub":
+    if source["kind"] in ("hf_hub", "hf_repo"):
         entry.update(hf_split=opts.hf_split, hf_config=opts.hf_config, streaming=opts.streaming)
-    elif source["kind"] == "hf_disk":
-        files = sorted(p for p in source["path"].rglob("*") if p.is_file())
+    if source["kind"] in ("hf_disk", "hf_repo"):
+        files = sorted(p for p in source["path"].rglob("*") if p.is_file() and ".git" not in p.parts)
         entry.update(path=str(source["path"]), bytes=sum(p.stat().st_size for p in files),
                      files={str(p.relative_to(source["path"])): sha256_file(p) for p in files})
     return entry
@@ -293,13 +317,15 @@ def _read_hf(source: dict, opts: SourceOptions, bad: BadInput):
             if opts.streaming:
                 ds = ds.to_iterable_dataset()
         else:
-            ds = datasets.load_dataset(spec, opts.hf_config, split=opts.hf_split, streaming=opts.streaming)
+            name = str(source["path"]) if source["kind"] == "hf_repo" else spec
+            ds = datasets.load_dataset(name, opts.hf_config, split=opts.hf_split, streaming=opts.streaming)
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"cannot load Hugging Face dataset {spec!r} (split {opts.hf_split!r}): "
-                        f"{type(e).__name__}: {e}. It is no local path either (none exists by that name); offline, use "
-                        f"local files or --input builtin:wiki") from e
+        hint = ("" if source["kind"] != "hf_hub" else " It is no local path either (none exists by that name); "
+                "offline, use local files or --input builtin:wiki")
+        raise DataError(f"cannot load Hugging Face dataset {spec!r} (config {opts.hf_config!r}, split "
+                        f"{opts.hf_split!r}): {type(e).__name__}: {e}.{hint}") from e
     for i, record in enumerate(ds):
         where = f"{spec}[{i}]"
         text = _text_of(record, where, opts, bad)

@@ -32,6 +32,12 @@ SLURM (inside an sbatch script with --nodes N --ntasks-per-node 1; one torchrun 
     LAUNCHER=slurm NPROC=8 bash run.sh train --stage calm --config calm-m ae_path=runs/ae/export \
         run_dir=/shared/runs/calm-m
 
+Dry run (any of the forms above with --dry-run): resolve and validate the config, build the model on
+PyTorch's meta device (no memory, no weights) to count its parameters, fill the DeepSpeed JSON for
+the launcher's world size (WORLD_SIZE, 1 without a launcher) and print all three. It reads no data
+and starts no engine, so paper-size commands can be checked on any machine before they are queued:
+    python -m pretrain --stage calm --config calm-m ae_path=runs/ae/export --dry-run
+
 Exit codes: 0 done; 2 bad configuration or data (nothing trained); 3 non-finite loss (the last good
 step is checkpointed); 143 SIGTERM (checkpointed; run again to resume).
 """
@@ -39,9 +45,12 @@ step is checkpointed); 143 SIGTERM (checkpointed; run again to resume).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import REPO_ROOT, ConfigError, TrainConfig, load_config
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -55,8 +64,49 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="start from scratch even though run_dir has checkpoints")
     # The deepspeed launcher passes --local_rank=N (torchrun sets LOCAL_RANK instead).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, count the model's parameters on the meta device and print the "
+                             "filled DeepSpeed JSON; no data is read and nothing is trained or written")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_intermixed_args(argv)
+
+
+def dry_run(config: TrainConfig, world_size: int) -> int:
+    """Print the resolved config, the model's parameter count and the DeepSpeed JSON for `world_size`."""
+    import torch
+    import yaml
+
+    from pretrain.ds_config import build_ds_config
+    from pretrain.models import AutoencoderConfig, build_model
+    from pretrain.train import resolve_precision
+
+    model_kwargs = dict(config.model)
+    if config.stage == "calm" and not (config.ae_path and (Path(config.ae_path) / "config.json").is_file()):
+        # The autoencoder is usually trained after this check is wanted; its size only adds frozen weights.
+        print(f"warning: ae_path={config.ae_path} holds no exported autoencoder yet; counting the frozen "
+              "autoencoder as the paper's (AutoencoderConfig defaults)", file=sys.stderr)
+        model_kwargs["ae_config"] = AutoencoderConfig(**{k: model_kwargs[k] for k in
+                                                         ("vocab_size", "patch_size", "latent_size") if k in model_kwargs})
+        ae_path = None
+    else:
+        ae_path = config.ae_path
+    try:
+        with torch.device("meta"):
+            model = build_model(config.stage, model_kwargs, ae_path)
+    except ValueError as exc:  # an autoencoder at ae_path whose K or latent size does not fit
+        raise ConfigError(str(exc)) from exc
+    frozen = sum(p.numel() for name, p in model.named_parameters() if name.startswith("ae_model."))
+    trained = sum(p.numel() for p in model.parameters()) - frozen
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(config, device)
+    ds_config = build_ds_config(config, world_size, precision, REPO_ROOT)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"# resolved config\n{yaml.safe_dump(config.to_dict(), sort_keys=False)}")
+        print(f"# model: {type(model).__name__}, {trained:,} trained parameters"
+              + (f" + {frozen:,} frozen (autoencoder)" if frozen else ""))
+        print(f"# DeepSpeed config ({config.ds_config}; world size {world_size}, {precision} on {device.type})")
+        print(json.dumps(ds_config, indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         if config.stage != args.stage:
             raise ConfigError(f"--stage {args.stage} but preset {args.config!r} is for stage {config.stage!r}")
+        if args.dry_run:
+            return dry_run(config, int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -134,6 +134,21 @@ def check_world_size(config: TrainConfig, world: distributed.World, universal: b
     return saved_world
 
 
+def _repair_universal_optimizer(engine, config: TrainConfig) -> None:
+    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load, so the resumed run continues exactly.
+
+    The loader gives every parameter group the *same* AdamW `step` tensor (so it advances once per
+    group per step and the bias correction drifts) and copies group 0's hyperparameters, weight decay
+    included, onto the no-decay group. The group order is `train.param_groups`: decay, then no-decay.
+    """
+    inner = engine.optimizer.optimizer
+    for group, weight_decay in zip(inner.param_groups, (config.optim.weight_decay, 0.0)):
+        group["weight_decay"] = weight_decay
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def load(engine, config: TrainConfig, world: distributed.World) -> dict[str, Any]:
     """Restore engine, RNG and loader state from `run_dir/checkpoints/latest`.
 
@@ -150,6 +165,8 @@ def load(engine, config: TrainConfig, world: distributed.World) -> dict[str, Any
     load_path, client = engine.load_checkpoint(str(root), tag=tag)
     if load_path is None:
         raise ResumeError(f"DeepSpeed could not load checkpoint {ckpt}")
+    if engine.load_universal_checkpoint():
+        _repair_universal_optimizer(engine, config)
     rank_file = ckpt / f"rank_{world.rank:05d}.pt"
     if rank_file.exists() and saved_world == world.world_size:
         set_rng_state(torch.load(rank_file, weights_only=False))
