@@ -1,11 +1,16 @@
 """Generation speed: CALM vs the discrete baseline with the same backbone, at T = 1 and T = 0.5.
 
-    OMP_NUM_THREADS=1 python -m bench.generate [--vocab-size 32000] [--ae-hidden 512] [--new-tokens 128]
+    OMP_NUM_THREADS=1 python -m bench.generate [--vocab-size 32000] [--ae-hidden 256] [--new-tokens 128]
         [--batch 1 16] [--collision 0.4] [--repeats 3]
 
 Random-init models: a Llama backbone of 4 layers, d = 256 (the baseline is that backbone plus its
-LM head) and a CALM with K = 4, l = 128 and an autoencoder of `--ae-hidden` width. Prints, per batch
-size and temperature, generated tokens/s (best of `--repeats`), backbone forward passes per
+LM head) and a CALM with K = 4, l = 128 and an autoencoder of `--ae-hidden` width. The default
+width, 256, is the backbone's own: the paper pairs its 512-wide autoencoder with 1024-2560-wide
+backbones (at most half their width), so for this backbone 128 would be the proportional choice and
+256 already charges CALM more than the paper's ratio does (512 is the released autoencoder's absolute
+width, whose decoder per draw costs about as much as a baseline token here). Prints, per batch
+size and temperature, generated tokens/s (best of `--repeats`, interleaved with the other models'
+runs so that a shared machine's changing load hits all alike), backbone forward passes per
 generated token, head draws per chunk, draws decoded per chunk (a call's draws after a row's
 acceptance included), of those the ones that needed the full-vocabulary projection (the rest were
 certified against a reference draw, evaluation/argmax_decode.py), and CALM's speed-up over the
@@ -64,19 +69,22 @@ def synthetic_head(model, collision: float, codes: int = 64, seed: int = 0) -> N
     model.sample_latents = sample_latents
 
 
-def timed(fn, repeats: int):
-    best, out = float("inf"), None
+def timed(fns: list, repeats: int) -> list[tuple[float, object]]:
+    """Best wall time (and last output) of each function; the repeats are interleaved across functions
+    so that a change in the machine's load (it may be shared) hits every model alike."""
+    best, outs = [float("inf")] * len(fns), [None] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return list(zip(best, outs))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--ae-hidden", type=int, default=512)
+    parser.add_argument("--ae-hidden", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
@@ -105,25 +113,25 @@ def main(argv: list[str] | None = None) -> None:
     for batch in args.batch:
         prompts = torch.randint(2, vocab, (batch, args.prompt_len), generator=gen).tolist()
         for temperature in args.temperature:
-            secs, out = timed(lambda: baseline_generate(baseline, prompts, args.new_tokens, temperature,
-                                                         eos_token_id=None, pad_token_id=0), args.repeats)
-            base_rate = batch * args.new_tokens / secs
-            print(f"{'baseline (HF generate)':<22}{batch:>6}{temperature:>6}{base_rate:>10.1f}"
-                  f"{out.backbone_calls / args.new_tokens:>12.3f}{'-':>13}{'-':>15}{'-':>17}{'-':>12}{'-':>8}{'1.00x':>9}")
             variants = [("calm exact", dict(sampler="exact", first_round=args.draws_per_call))]
             if temperature < 1:
                 variants.append((f"calm batch N={args.num_candidates}",
                                  dict(sampler="batch", num_candidates=args.num_candidates)))
-            for name, kwargs in variants:
-                secs, out = timed(lambda: calm_generate(calm, prompts, args.new_tokens, temperature,
-                                                        eos_token_id=None, **kwargs), args.repeats)
+            runs = [lambda: baseline_generate(baseline, prompts, args.new_tokens, temperature, eos_token_id=None,
+                                              pad_token_id=0)]
+            runs += [lambda kwargs=kwargs: calm_generate(calm, prompts, args.new_tokens, temperature,
+                                                         eos_token_id=None, **kwargs) for _, kwargs in variants]
+            (secs, out), *calm_runs = timed(runs, args.repeats)
+            base_rate = batch * args.new_tokens / secs
+            print(f"{'baseline (HF generate)':<22}{batch:>6}{temperature:>6}{base_rate:>10.1f}"
+                  f"{out.backbone_calls / args.new_tokens:>12.3f}{'-':>13}{'-':>15}{'-':>17}{'-':>12}{'-':>8}{'1.00x':>9}")
+            for (name, _), (secs, out) in zip(variants, calm_runs):
                 rate = batch * args.new_tokens / secs
                 print(f"{name:<22}{batch:>6}{temperature:>6}{rate:>10.1f}"
                       f"{out.backbone_calls / args.new_tokens:>12.3f}{out.draws / (out.steps * batch):>13.2f}"
                       f"{out.decoded / (out.steps * batch):>15.2f}{out.projected / (out.steps * batch * k):>17.2f}"
                       f"{out.calls / out.steps:>12.2f}"
                       f"{out.capped:>8}{rate / base_rate:>8.2f}x")
-
 
 if __name__ == "__main__":
     main()

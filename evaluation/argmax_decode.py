@@ -8,9 +8,11 @@ products, half the memory traffic) and certified exact:
 - every screened logit is within b = (3u + 2u² + d·2⁻²³)·‖h‖·max‖e_v‖ of the exact one (u = 2⁻⁸,
   bf16 unit roundoff: rounding of h, of E and of the bf16 result; float32 accumulation over d terms);
 - the top `shortlist` screened tokens are rescored exactly in float32; if the best exact score beats
-  the shortlist's lowest screened score + b, no token outside the shortlist can win, so that token is
-  the exact argmax. Positions failing the test (near-ties wider than the bound) fall back to the full
-  float32 projection.
+  the shortlist's lowest screened score + b, no token outside the shortlist can win, and if it beats
+  the runner-up by more than float32 rounding, the reference decoder ranks it first too, so that
+  token is the exact argmax. Positions failing the test (near-ties wider than the bounds) fall back
+  to the full float32 projection. The shortlist comes from block maxima of the screen (the S best
+  tokens lie in the S blocks with the best maxima), not from a top-k over the whole vocabulary.
 
 Repeated draws for one chunk (`decode_draws`) often decode to the same few chunks (the collisions
 that low-temperature sampling lives on), and those can skip the projection altogether: one draw per (row, position) is screened as above (the reference),
@@ -22,8 +24,13 @@ are screened together (with few draws in a call, all are screened in one pass: e
 cost that the certificates would not win back). A `StreamMemory` keeps each stream's first
 reference over the calls that sample one chunk, so later rounds start certified against it.
 
-So `ArgmaxDecoder(model)(latents)` and `decode_draws` return the same tokens as
-`model.decode_latents(latents)`.
+Sampling at T = 1/2 only asks which pair of consecutive draws is the first to decode equal
+(`decode_pairs`), and two draws differ as soon as one position does: a draw's score for another's
+token beaten by a shortlist token by more than rounding certifies that, at S·d cost. So a pair is
+mostly settled by one screened position, and only the accepted pair is decoded in full.
+
+So `ArgmaxDecoder(model)(latents)`, `decode_draws` and `decode_pairs` give the same tokens (and the
+same first equal pair) as `model.decode_latents(latents)`.
 """
 
 from __future__ import annotations
@@ -41,13 +48,21 @@ class ArgmaxDecoder:
         self.decoder = ae.decoder
         self.patch_size = ae.config.patch_size
         self.weight = ae.encoder.embed_tokens.weight.detach()
-        self.low = self.weight.to(torch.bfloat16)
+        vocab = self.weight.shape[0]
         self.max_norm = float(self.weight.float().norm(dim=1).max())
-        self.shortlist = min(shortlist, self.weight.shape[0])
+        self.shortlist = min(shortlist, vocab)
+        # The shortlist is taken from block maxima (see _screen); at least `shortlist` blocks are needed.
+        self.block = max(1, min(128, vocab // self.shortlist))
+        blocks = -(-vocab // self.block)
+        self.low = torch.zeros(blocks * self.block, self.weight.shape[1], dtype=torch.bfloat16, device=self.weight.device)
+        self.low[:vocab] = self.weight.to(torch.bfloat16)
+        self.vocab = vocab
         self.max_references = max_references
-        # A screening pass has a fixed cost of about 20 positions' worth (reading the whole bf16 matrix),
+        # A screening pass has a fixed cost of about 30 positions' worth (reading the whole bf16 matrix),
         # so references only pay when many draws could be certified against them.
         self.min_certifiable = min_certifiable
+        self.near = 0.05
+        """decode_pairs: relative distance of a pair's states under which it is decoded whole at once."""
         u, d = BF16_UNIT_ROUNDOFF, self.weight.shape[1]
         self.rel_bound = 1.25 * (3 * u + 2 * u * u + d * 2.0 ** -23)  # 25% slack over the analysis
         self.fp32_bound = 1.25 * d * 2.0 ** -23  # float32 logits alone (a certified draw is never screened)
@@ -59,18 +74,37 @@ class ArgmaxDecoder:
     def _screen(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(M, d) float states -> (exact argmax (M,), shortlist (M, S), ceiling (M,)): no token outside
         the shortlist has an exact logit above the ceiling."""
-        self.projected += hidden.shape[0]
-        screen = hidden.to(torch.bfloat16) @ self.low.T  # ranked in bf16: a float32 copy costs a full pass
-        top_vals, top_idx = screen.topk(self.shortlist, dim=1)
-        exact = torch.einsum("md,mkd->mk", hidden, self.weight[top_idx])
-        best, where = exact.max(dim=1)
+        m = hidden.shape[0]
+        self.projected += m
+        # Ranked in bf16 (a float32 copy of the matrix costs a full pass); the product is widened to
+        # float32 because CPU reductions over it run several times faster than over bf16.
+        screen = (hidden.to(torch.bfloat16) @ self.low.T).float()
+        screen[:, self.vocab:] = -torch.inf  # padding rows of the block layout
+        # top-S without a top-k over V: the S largest values lie in the S blocks with the largest maxima
+        # (each of them has a block max at least as large, in a distinct block)
+        blocks = screen.view(m, -1, self.block).amax(-1).topk(self.shortlist, dim=1).indices
+        candidates = (blocks[..., None] * self.block + torch.arange(self.block, device=hidden.device)).view(m, -1)
+        top_vals, where = screen.gather(1, candidates).topk(self.shortlist, dim=1)
+        top_idx = candidates.gather(1, where)
+        norm = hidden.norm(dim=1)
+        best, where, clear = self._best(torch.einsum("md,mkd->mk", hidden, self.weight[top_idx]), norm)
         tokens = top_idx.gather(1, where[:, None]).squeeze(1)
-        ceiling = top_vals[:, -1].float() + self.rel_bound * hidden.norm(dim=1) * self.max_norm
-        unsure = best <= ceiling
+        ceiling = top_vals[:, -1] + self.rel_bound * norm * self.max_norm
+        unsure = (best <= ceiling) | ~clear
         if unsure.any():
             self.fallbacks += int(unsure.sum())
             tokens[unsure] = (hidden[unsure] @ self.weight.T).argmax(dim=1)
         return tokens, top_idx, ceiling
+
+    def _best(self, scores: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exact shortlist scores (N, S) of states with norms (N,) -> (best (N,), its index (N,), clear (N,)):
+        clear where the runner-up trails by more than the float32 rounding of two dot products, so the
+        reference decoder (its own summation order) ranks the same token first."""
+        top = scores.topk(min(2, scores.shape[1]), dim=1)
+        best, where = top.values[:, 0], top.indices[:, 0]
+        if scores.shape[1] < 2:
+            return best, where, torch.ones_like(best, dtype=torch.bool)
+        return best, where, top.values[:, 0] - top.values[:, 1] > 2 * self.fp32_bound * norm * self.max_norm
 
     @torch.no_grad()
     def tokens_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -90,10 +124,31 @@ class ArgmaxDecoder:
                  ceiling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw states (P, M, d) against one screened reference per stream (ref (P, d), its shortlist
         (P, S) and ceiling (P,)) -> (certified (P, M), their tokens (P, M))."""
-        best, where = torch.einsum("pmd,psd->pms", states, self.weight[top_idx]).max(-1)
+        scores = torch.einsum("pmd,psd->pms", states, self.weight[top_idx])
+        norm = states.norm(dim=-1)
+        best, where, clear = (t.view(norm.shape) for t in self._best(scores.flatten(0, 1), norm.flatten()))
         drift = (states - ref[:, None]).norm(dim=-1) * (1 + 2.0 ** -20)  # rounding of Δ and its norm
-        slack = (drift + self.fp32_bound * states.norm(dim=-1)) * self.max_norm
-        return best > ceiling[:, None] + slack, top_idx.gather(1, where)
+        slack = (drift + self.fp32_bound * norm) * self.max_norm
+        return clear & (best > ceiling[:, None] + slack), top_idx.gather(1, where)
+
+    def _against(self, states: torch.Tensor, ref: torch.Tensor, top_idx: torch.Tensor, ceiling: torch.Tensor,
+                 ref_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """States (N, d), each against a screened reference (ref (N, d), shortlist (N, S), ceiling (N,))
+        -> (token (N,), -1 where not certified; differs (N,) bool where `ref_token` is given: certified
+        not to be the argmax, because a shortlist token beats it by more than the rounding)."""
+        scores = torch.einsum("nd,nsd->ns", states, self.weight[top_idx])
+        norm = states.norm(dim=-1)
+        best, where, clear = self._best(scores, norm)
+        # h'·e_v = h·e_v + Δ·e_v ≤ ceiling + ‖Δ‖·max‖e_v‖ outside the shortlist (module docstring)
+        drift = (states - ref).norm(dim=-1) * (1 + 2.0 ** -20)  # rounding of Δ and its norm
+        sure = clear & (best > ceiling + (drift + self.fp32_bound * norm) * self.max_norm)
+        found = torch.where(sure, top_idx.gather(1, where[:, None]).squeeze(1), -1)
+        if ref_token is None:
+            return found, None
+        listed = top_idx == ref_token[:, None]  # a reference decoded by the fallback may lie outside
+        at_ref = scores.gather(1, listed.long().argmax(1, keepdim=True)).squeeze(1)
+        differs = listed.any(1) & (best - at_ref > 2 * self.fp32_bound * norm * self.max_norm)
+        return found, differs
 
     @torch.no_grad()
     def decode_draws(self, latents: torch.Tensor, memory: "StreamMemory | None" = None,
@@ -132,7 +187,7 @@ class ArgmaxDecoder:
             chosen[torch.arange(len(live), device=device), first] = ref_tokens
             tokens[live] = chosen
             if memory is not None:
-                memory.keep(ids[live], ref, top_idx, ceiling)
+                memory.keep(ids[live], ref, top_idx, ceiling, ref_tokens)
         rest = tokens < 0
         if rest.any():
             screened, top_idx, ceiling = self._screen(streams[rest])
@@ -140,8 +195,96 @@ class ArgmaxDecoder:
             if memory is not None:
                 lead = (rest.long().cumsum(1) == 1)[rest]  # each stream's first screened draw
                 owner = rest.nonzero()[:, 0][lead]
-                memory.keep(ids[owner], streams[rest][lead], top_idx[lead], ceiling[lead])
+                memory.keep(ids[owner], streams[rest][lead], top_idx[lead], ceiling[lead], screened[lead])
         return tokens.view(r, k, m).transpose(1, 2)
+
+
+    @torch.no_grad()
+    def decode_pairs(self, latents: torch.Tensor, memory: "StreamMemory",
+                     rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws (R, 2P, l) of one chunk latent per row, read as P consecutive pairs -> (first (R,): the
+        first pair whose two draws decode to the same chunk, -1 if none; that chunk (R, K), zeros if none).
+
+        The answer of decoding every draw and comparing (all that sampling at T = 1/2 asks), with far
+        less screening, since a pair is settled by one position certified to differ: (1) every draw is
+        certified against its row's references in `memory` (decoded, or shown to differ from the
+        reference's token); (2) each open pair, at its first unsettled position, has one draw screened
+        and the other certified against it; (3) each row's first open pair is decoded completely, until
+        every row has an equal pair or no open one before it. Screened draws become references.
+        """
+        r, m, _ = latents.shape
+        pairs, k = m // 2, self.patch_size
+        device = latents.device
+        hidden = self.decoder(latents.to(self.weight.dtype)).view(r, pairs, 2, k, -1)
+        slots = (rows[:, None] * k + torch.arange(k, device=device)).view(r, 1, 1, k).expand(r, pairs, 2, k)
+        tokens = torch.full((r, pairs, 2, k), -1, dtype=torch.long, device=device)
+        differ = torch.zeros(r, pairs, k, dtype=torch.bool, device=device)
+        known = memory.ceiling[slots].isfinite()
+        if known.any():
+            s = slots[known]
+            found, away = self._against(hidden[known], memory.state[s], memory.top_idx[s], memory.ceiling[s],
+                                        memory.token[s])
+            tokens[known] = found
+            off = torch.zeros_like(known)
+            off[known] = away
+            ref = memory.token[slots[:, :, 0]]
+            differ |= ((tokens[:, :, 0] == ref) & off[:, :, 1]) | ((tokens[:, :, 1] == ref) & off[:, :, 0])
+        same, differ = _compare(tokens, differ)
+        index = torch.arange(pairs, device=device)
+        # Pairs whose states nearly coincide are most likely equal: they are decoded whole at once (a second
+        # screening call would cost ~30 positions' worth), and pairs after them are left for step (3).
+        x, y = hidden[:, :, 0], hidden[:, :, 1]
+        near = ((x - y).norm(dim=-1) <= self.near * x.norm(dim=-1)).all(-1)
+        last = torch.where(near | same.all(-1), index, pairs).min(1, keepdim=True).values
+        open_ = ~differ.any(-1) & ~same.all(-1) & (index <= last)
+        if open_.any():
+            row, pair = open_.nonzero(as_tuple=True)
+            unsettled = ~same[row, pair]
+            first_pos = torch.zeros_like(unsettled).scatter_(1, unsettled.long().argmax(1, keepdim=True), True)
+            which, pos = (unsettled & (first_pos | near[row, pair, None])).nonzero(as_tuple=True)
+            side = (tokens[row[which], pair[which], 0, pos] >= 0).long()  # screen the first draw unless known
+            self._settle(hidden, tokens, differ, slots, memory, row[which], pair[which], side, pos)
+        while True:
+            same, differ = _compare(tokens, differ)
+            equal = same.all(-1)
+            first_equal = torch.where(equal, index, pairs).min(1).values
+            first_open = torch.where(~equal & ~differ.any(-1), index, pairs).min(1).values
+            todo = (first_open < first_equal).nonzero().squeeze(1)
+            if len(todo) == 0:
+                break
+            for side in (0, 1):  # the first draw's open positions, then what certification left of the second
+                which, pos = (tokens[todo, first_open[todo], side] < 0).nonzero(as_tuple=True)
+                if len(which):
+                    self._settle(hidden, tokens, differ, slots, memory, todo[which], first_open[todo[which]],
+                                 torch.full_like(pos, side), pos)
+        found = first_equal < pairs
+        chunk = tokens[torch.arange(r, device=device), first_equal.clamp(max=pairs - 1), 0]
+        return torch.where(found, first_equal, -1), torch.where(found[:, None], chunk, 0)
+
+    def _settle(self, hidden: torch.Tensor, tokens: torch.Tensor, differ: torch.Tensor, slots: torch.Tensor,
+                memory: "StreamMemory", row: torch.Tensor, pair: torch.Tensor, side: torch.Tensor,
+                pos: torch.Tensor) -> None:
+        """Screen the draws (row, pair, side) at positions pos (in place into `tokens`), and certify the
+        other draw of each pair there against it when that one is still unknown."""
+        state = hidden[row, pair, side, pos]
+        found, top_idx, ceiling = self._screen(state)
+        tokens[row, pair, side, pos] = found
+        memory.keep(slots[row, pair, side, pos], state, top_idx, ceiling, found)
+        other = 1 - side
+        o = tokens[row, pair, other, pos] < 0
+        if o.any():
+            got, away = self._against(hidden[row[o], pair[o], other[o], pos[o]], state[o], top_idx[o], ceiling[o],
+                                      found[o])
+            tokens[row[o], pair[o], other[o], pos[o]] = got
+            differ[row[o], pair[o], pos[o]] |= away
+
+
+def _compare(tokens: torch.Tensor, differ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs' tokens (R, P, 2, K), -1 unknown -> (same (R, P, K): both known and equal; differ (R, P, K):
+    certified different, now including positions where both are known and unequal)."""
+    x, y = tokens[:, :, 0], tokens[:, :, 1]
+    both = (x >= 0) & (y >= 0)
+    return both & (x == y), differ | (both & (x != y))
 
 
 class StreamMemory:
@@ -155,9 +298,14 @@ class StreamMemory:
         self.state = torch.zeros(streams, d, dtype=decoder.weight.dtype, device=device)
         self.top_idx = torch.zeros(streams, decoder.shortlist, dtype=torch.long, device=device)
         self.ceiling = torch.full((streams,), torch.inf, device=device)
+        self.token = torch.full((streams,), -1, dtype=torch.long, device=device)
 
-    def keep(self, slots: torch.Tensor, state: torch.Tensor, top_idx: torch.Tensor, ceiling: torch.Tensor) -> None:
-        """Store references for the slots that have none (the first one kept stays)."""
-        new = ~self.ceiling[slots].isfinite()
+    def keep(self, slots: torch.Tensor, state: torch.Tensor, top_idx: torch.Tensor, ceiling: torch.Tensor,
+             token: torch.Tensor) -> None:
+        """Store references (and their exact tokens) for the slots that have none (the first one kept stays)."""
+        offered = torch.arange(len(slots), device=slots.device)
+        first = torch.full_like(self.ceiling, len(slots), dtype=torch.long).scatter_reduce(0, slots, offered, "amin")
+        new = ~self.ceiling[slots].isfinite() & (first[slots] == offered)  # one reference per slot, consistently
         slots = slots[new]
         self.state[slots], self.top_idx[slots], self.ceiling[slots] = state[new], top_idx[new], ceiling[new]
+        self.token[slots] = token[new]

@@ -104,8 +104,9 @@ def calm_generate(
     `max_draws` draws per chunk, `first_round` draws in its first call; 'batch': `num_candidates`
     draws, approximate). Draws are decoded to tokens by `ArgmaxDecoder.decode_draws` (bf16 screen,
     and for most draws a certificate against a screened draw of the same row, kept over the chunk's
-    calls in a `StreamMemory`, instead of the full-vocabulary projection; exact either way;
-    `screened_decode=False` uses `model.decode_latents`).
+    calls in a `StreamMemory`, instead of the full-vocabulary projection; at T = 1/2 the exact
+    sampler asks `ArgmaxDecoder.decode_pairs` for the first equal pair of draws instead, which leaves
+    most unequal draws undecoded; exact either way; `screened_decode=False` uses `model.decode_latents`).
 
     Prompts whose length is not a multiple of K: the whole chunks are the context (rows of different
     lengths are left-padded by whole chunks that the attention mask hides, with positions counted
@@ -156,13 +157,18 @@ def calm_generate(
                 return model.decode_latents(latents).view(len(rows), num, k)
             return decoder.decode_draws(latents, memory, active[rows])
 
+        def pair_fn(rows: torch.Tensor, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+            latents = model.sample_latents(h_act[rows], num_samples=2 * pairs, generator=gen).transpose(0, 1)
+            return decoder.decode_pairs(latents, memory, active[rows])
+
         constrain = first and bool(prefix_len.any())
         kwargs = dict(generator=gen, device=device,
                       prefix=prefix[active] if constrain else None,
                       prefix_len=prefix_len[active] if constrain else None)
         if sampler == "exact":
             result = exact_sample(sample_fn, len(active), temperature, max_draws=max_draws,
-                                  first_round=first_round, **kwargs)
+                                  first_round=first_round, pair_fn=pair_fn if decoder is not None else None,
+                                  **kwargs)
         else:
             result = batch_sample(sample_fn, len(active), temperature, num_candidates=num_candidates, **kwargs)
         steps += 1

@@ -17,6 +17,12 @@ independent decoded chunks for each listed batch row, and are vectorised over th
 are counted by sorting each row's candidates (no Python loop over candidates), and rows that are
 done stop drawing.
 
+At T = 1/2 (n = 2, α = 0) the exact sampler's state machine reduces to "accept the first of
+consecutive pairs of draws that are equal", so it asks `pair_fn(rows, pairs) -> (first (R,), chunk
+(R, K))` for the index of each row's first equal pair (-1 if none) and its chunk: a decoder can answer
+that without decoding every draw in full (ArgmaxDecoder.decode_pairs). Without a `pair_fn` it is
+built from `sample_fn`.
+
 Chunks may be constrained to start with a given prefix (the tail of a prompt whose length is not a
 multiple of K): draws whose first `prefix_len` tokens differ are discarded, which samples the
 conditional distribution exactly.
@@ -31,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 SampleFn = Callable[[torch.Tensor, int], torch.Tensor]
+PairFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -154,6 +161,59 @@ def batch_sample(
     )
 
 
+def first_equal_pair(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunks (R, P, 2, K) -> (index (R,) of each row's first pair of equal chunks, -1 if none; that
+    chunk (R, K), zeros if none)."""
+    equal = (chunks[:, :, 0] == chunks[:, :, 1]).all(-1)
+    first = torch.where(equal.any(1), equal.long().argmax(1), -1)
+    chunk = _gather(chunks[:, :, 0], first.clamp(min=0))
+    return first, torch.where((first >= 0)[:, None], chunk, 0)
+
+
+def _pair_sample(sample_fn: SampleFn, pair_fn: PairFn, batch_size: int, max_draws: int,
+                 generator: torch.Generator | None, first_round: int | None, max_round: int,
+                 device: torch.device | str) -> SampleResult:
+    """`exact_sample` at T = 1/2: rounds of draw pairs (two, then doubling), each row accepting its
+    first equal pair.
+    A round in which a row would reach `max_draws` decodes every draw (`sample_fn`): capped rows take
+    `batch_select` over that round."""
+    # Two pairs by default: a call's fixed costs (head, decoder, a screening pass over the vocabulary)
+    # outweigh a second pair's, and one pair alone is accepted only with probability Σ P(x)².
+    pairs = max(1, (first_round or 4) // 2)
+    tokens: torch.Tensor | None = None
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    draws = torch.zeros(batch_size, dtype=torch.long, device=device)
+    capped = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    calls = decoded = 0
+    while not done.all():
+        rows = (~done).nonzero().squeeze(-1)
+        room = int((max_draws - draws[rows]).min()) // 2  # whole pairs left before the cap
+        num = max(1, min(pairs, room))
+        last = num >= room
+        if last:
+            chunks = sample_fn(rows, 2 * num)
+            first, chunk = first_equal_pair(chunks.unflatten(1, (num, 2)))
+        else:
+            first, chunk = pair_fn(rows, num)
+        calls += 1
+        decoded += len(rows) * 2 * num
+        if tokens is None:
+            tokens = torch.zeros(batch_size, chunk.shape[-1], dtype=chunk.dtype, device=device)
+        accept = first >= 0
+        draws[rows] += torch.where(accept, 2 * (first + 1), 2 * num)
+        tokens[rows[accept]] = chunk[accept]
+        done[rows[accept]] = True
+        hit = ~accept & (draws[rows] >= max_draws - 1)
+        if hit.any():
+            r = rows[hit]
+            index, _ = batch_select(chunks[hit], 0.5, generator=generator)
+            tokens[r] = _gather(chunks[hit], index)
+            capped[r] = done[r] = True
+        pairs = min(2 * pairs, max(1, max_round // 2))
+    return SampleResult(tokens=tokens, draws=draws, calls=calls, capped=capped,
+                        matched=torch.ones(batch_size, dtype=torch.bool, device=device), decoded=decoded)
+
+
 def exact_sample(
     sample_fn: SampleFn,
     batch_size: int,
@@ -165,6 +225,7 @@ def exact_sample(
     first_round: int | None = None,
     max_round: int = 64,
     device: torch.device | str = "cpu",
+    pair_fn: PairFn | None = None,
 ) -> SampleResult:
     """Exact temperature sampling, one chunk per row, at most `max_draws` model draws per row.
 
@@ -173,9 +234,15 @@ def exact_sample(
     without a prefix; then doubling up to `max_round`), and the
     per-row state machine consumes them in order, so batching draws changes cost, not the
     distribution (draws after a row's acceptance are discarded unseen). Rows reaching `max_draws`
-    are `capped` and take `batch_select` over their last round instead.
+    are `capped` and take `batch_select` over their last round instead. At T = 1/2 without a prefix
+    the rounds are of pairs, answered by `pair_fn` (module docstring).
     """
     n, alpha = split_temperature(temperature)
+    if n == 2 and alpha == 0 and prefix is None and max_draws >= 2:
+        if pair_fn is None:
+            def pair_fn(rows: torch.Tensor, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+                return first_equal_pair(sample_fn(rows, 2 * pairs).unflatten(1, (pairs, 2)))
+        return _pair_sample(sample_fn, pair_fn, batch_size, max_draws, generator, first_round, max_round, device)
     m = first_round or (n + (1 if alpha > 0 else 0))
     if n == 1 and alpha == 0 and prefix is None:
         m = 1  # T = 1: the first draw is always accepted
