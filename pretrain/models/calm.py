@@ -149,6 +149,9 @@ class CALM(PreTrainedModel):
         if getattr(module, "zero_init", False):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
+        elif getattr(module, "xavier_init", False):
+            init.xavier_uniform_(module.weight)
+            init.zeros_(module.bias)
 
     def train(self, mode: bool = True) -> "CALM":
         """Train the backbone and head; the autoencoder stays frozen in eval mode (no masking, no dropout)."""

@@ -56,6 +56,13 @@ class MLPGenerator(nn.Module):
         self.norm_noise = nn.LayerNorm(hidden_size, eps=1e-6)
         self.mlp_blocks = nn.ModuleList(MLPBlock(hidden_size) for _ in range(num_mlp_layers))
         self.final_layer = FinalLayer(hidden_size, latent_size)
+        # Xavier-uniform, not the backbone's N(0, 0.02): the head chains five linears and a gated product
+        # per block, and at std 0.02 each layer scales its signal by 0.02·sqrt(width) (0.23 at width 128),
+        # so small heads start with almost no path from the hidden state and learn only the marginal for
+        # thousands of steps. CALM._init_weights honours this flag (and zero_init for the output layer).
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and not getattr(module, "zero_init", False):
+                module.xavier_init = True
 
     def forward(
         self, hidden: torch.Tensor, num_samples: int = 1, generator: torch.Generator | None = None
