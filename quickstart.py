@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     max_blocks = "8" if small else "64"
     pipe.step("evaluate held-out split", ["-m", "evaluation", "--model", *models, "--data", str(data),
                                           "--split", "validation", "--context", str(block),
-                                          "--batch-size", "8", "--max-blocks", max_blocks], "eval_heldout")
+                                          "--batch-size", "8", "--max-blocks", max_blocks, "--gen-tokens",
+                                          "16" if small else "64", "--gen-batch", "4"], "eval_heldout")
     if args.wikitext.exists():
         pipe.step("evaluate WikiText-103 test", ["-m", "evaluation", "--model", *models, "--data",
                                                  str(args.wikitext), "--context", str(block), "--batch-size", "8",

@@ -2,7 +2,8 @@
 
     python -m evaluation --model runs/baseline-tiny runs/calm-tiny runs/ae-tiny \\
         --data ../shared/data/wikitext103_test_documents.jsonl
-    python -m evaluation --model runs/calm-tiny --data data/quickstart --split validation --max-blocks 8
+    python -m evaluation --model runs/calm-tiny --data data/quickstart --split validation --max-blocks 8 \\
+        --gen-tokens 64 --gen-batch 4          # also time sampling (the report's gen tokens/s)
     torchrun --nproc_per_node 8 -m evaluation --model runs/calm-m --data wiki.jsonl         # one node
     torchrun --nnodes 2 --node_rank $R --nproc_per_node 8 --master_addr $HEAD --master_port 29500 \\
         -m evaluation --model runs/calm-m --data wiki.jsonl                                   # two nodes
@@ -58,11 +59,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-queries", type=int, default=256, help="branch queries per forward call (memory bound)")
     p.add_argument("--noise-stds", type=float, nargs="+", default=list(DEFAULT_NOISE_STDS),
                    help="latent noise levels of the autoencoder robustness curve")
+    p.add_argument("--gen-tokens", type=int, default=0,
+                   help="also time sampling this many tokens after prompts cut from the first blocks (CALM and "
+                        "baseline; fills the report's gen tokens/s; default: 0 = off)")
+    p.add_argument("--gen-batch", type=int, default=1, help="prompts per generate call when timing (default: 1)")
+    p.add_argument("--gen-temperature", type=float, default=1.0, help="temperature when timing (default: 1.0)")
     p.add_argument("--out", help="output JSON (only with a single --model)")
     args = p.parse_args(argv)
     if args.out and len(args.model) > 1:
         p.error("--out needs exactly one --model; without it each result goes to RUN/eval/")
-    for name in ("batch_size", "max_queries"):
+    if args.gen_tokens < 0:
+        p.error("--gen-tokens must be >= 0")
+    for name in ("batch_size", "max_queries", "gen_batch"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.context is not None and args.context <= 0:
@@ -158,6 +166,28 @@ def _sum_over_ranks(value: float) -> float:
     return value
 
 
+GEN_PROMPT_TOKENS = 32
+
+
+def measure_generation(model, stage: str, blocks: list[torch.Tensor], args) -> dict:
+    """Sampling speed: `--gen-tokens` new tokens after the first 32 tokens of each of the first
+    `--gen-batch` blocks, at `--gen-temperature` (CALM: exact sampler; baseline: transformers' generate)."""
+    from evaluation.generate import baseline_generate, calm_generate
+
+    prompts = [b[:GEN_PROMPT_TOKENS].tolist() for b in blocks[: args.gen_batch]]
+    if len(prompts) < args.gen_batch:
+        raise ValueError(f"--gen-batch {args.gen_batch} needs that many blocks; the data has {len(blocks)}")
+    generate = calm_generate if stage == "calm" else baseline_generate
+    start = time.perf_counter()
+    out = generate(model, prompts, args.gen_tokens, temperature=args.gen_temperature, seed=args.seed)
+    seconds = time.perf_counter() - start
+    tokens = int(out.lengths.sum())
+    return {"tokens_per_second": tokens / seconds, "tokens": tokens, "seconds": seconds, "batch": len(prompts),
+            "prompt_tokens": GEN_PROMPT_TOKENS, "max_new_tokens": args.gen_tokens,
+            "temperature": args.gen_temperature, "backbone_calls_per_token": out.backbone_calls / max(tokens / len(prompts), 1),
+            "device": str(next(model.parameters()).device), "dtype": args.dtype}
+
+
 def evaluate_model(args, path: str, rank: int, world: int, device: torch.device) -> tuple[dict, Path]:
     from pretrain.models import load_model
 
@@ -198,6 +228,8 @@ def evaluate_model(args, path: str, rank: int, world: int, device: torch.device)
         summary.update(seed=args.seed, world_size=world, forward_calls=int(_sum_over_ranks(calls)),
                        seconds=time.perf_counter() - start, device=device.type, dtype=args.dtype)
         result["brierlm"] = summary
+        if args.gen_tokens and rank == 0:
+            result["generation"] = measure_generation(model, stage, blocks, args)
     out_path = Path(args.out) if args.out else (run_dir or export) / "eval" / f"{Path(args.data).stem}-ctx{context}.json"
     return result, out_path
 

@@ -82,6 +82,21 @@ def test_calm_and_autoencoder_on_shards(tiny_runs, tiny_data_dir, tmp_path):
     assert rec["robustness"][2]["accuracy"] < rec["accuracy_mean"]
 
 
+def test_generation_speed_is_recorded_for_the_report(tiny_runs, tiny_data_dir, tmp_path):
+    for stage in ("calm", "baseline"):
+        out = tmp_path / f"{stage}.json"
+        assert main(["--model", str(tiny_runs[stage]), "--data", str(tiny_data_dir), "--split", "validation",
+                     "--context", "64", "--max-blocks", "2", "--gen-tokens", "16", "--gen-batch", "2",
+                     "--out", str(out)]) == 0
+        gen = read_result(out)["generation"]
+        assert gen["batch"] == 2 and 0 < gen["tokens"] <= 32 and gen["tokens_per_second"] > 0
+        # CALM's backbone reads one vector per K = 4 tokens (plus the prompt's pass); the baseline one per token.
+        if stage == "calm":
+            assert gen["backbone_calls_per_token"] <= 0.25 + 1 / (gen["tokens"] / 2)
+        else:
+            assert gen["backbone_calls_per_token"] == pytest.approx(1.0, abs=1 / 16 + 1e-9)
+
+
 def test_reconstruction_counts_only_real_tokens(tiny_runs):
     from pretrain.models import load_model
 
