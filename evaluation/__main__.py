@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{result['model']['name']}: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in line.items() if isinstance(v, float)) + f" -> {out_path}", flush=True)
     if torch.distributed.is_initialized():
+        # Rank 0 is still writing when the others finish; tearing gloo down under it aborted runs
+        # ("terminate called without an active exception") about once in five.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
 

@@ -7,18 +7,25 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_quickstart_small_produces_a_sane_report(tmp_path):
-    out = tmp_path / "qs"
+@pytest.fixture(scope="module")
+def quickstart_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
     env = dict(os.environ, OMP_NUM_THREADS="2", WANDB_MODE="offline")
     proc = subprocess.run([sys.executable, "-m", "quickstart", "--small", "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "finished in" in proc.stdout
+    return out
+
+
+@pytest.mark.slow
+def test_quickstart_small_produces_a_sane_report(quickstart_out):
+    out = quickstart_out
 
     summary = json.loads((out / "quickstart.json").read_text())
     assert set(summary["seconds"]) >= {"data_prep", "train autoencoder", "train calm", "train baseline", "report"}
@@ -36,8 +43,11 @@ def test_quickstart_small_produces_a_sane_report(tmp_path):
         assert row["brierlm"]["positions"] > 0
         assert row["train_flops"] > 0 and row["inference_flops_per_token"] > 0 and row["params"] > 0
     # A few minutes of CPU training is enough for the baseline's Brier-1..4 to be positive; the
-    # tiny CALM's Brier-3/4 are still ~0 at this scale, so its BrierLM may floor at 0.
+    # tiny CALM's Brier-4 is still ~0 at this scale, so its BrierLM may floor at 0.
     assert rows[("baseline", heldout)]["brierlm"]["brierlm"] > 0
+    # Sampling speed was timed (the report's gen tokens/s); CALM's backbone runs once per chunk.
+    for stage in ("calm", "baseline"):
+        assert rows[(stage, heldout)]["tokens_per_second"] > 0
     # CALM's backbone runs once per K tokens: less inference compute than the same-size baseline.
     assert (rows[("calm", heldout)]["inference_flops_per_token"]
             < rows[("baseline", heldout)]["inference_flops_per_token"])
@@ -57,3 +67,33 @@ def test_quickstart_small_produces_a_sane_report(tmp_path):
         assert (out / run / "export" / "model.safetensors").exists()
         assert (out / run / "checkpoints" / "latest").exists()
         assert list((out / run / "wandb").rglob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_trained_calm_generates_k_tokens_per_backbone_step_and_stops_at_eos(quickstart_out):
+    from evaluation.generate import calm_generate, load_generator
+
+    model, kind = load_generator(quickstart_out / "calm" / "export")
+    assert kind == "calm"
+    k = model.patch_size
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27]]  # whole chunks, no padding
+    # eos_token_id=-1 never occurs: every row runs to max_new_tokens
+    free = calm_generate(model, prompts, max_new_tokens=8 * k, temperature=1.0, seed=1, eos_token_id=-1,
+                         pad_token_id=0)
+    assert free.lengths.tolist() == [8 * k, 8 * k]
+    assert free.steps == 8 and free.backbone_calls == 8  # prefill + 7 chunks fed back: K tokens per step
+    # Declare the token a row generates most as EOS: generating that prompt alone with the same seed
+    # draws the same chunks up to it (in a batch, a finished row would change the others' draws), so
+    # the row must end right after its first occurrence, padded afterwards.
+    for prompt in prompts:
+        alone = calm_generate(model, [prompt], max_new_tokens=8 * k, temperature=1.0, seed=1, eos_token_id=-1,
+                              pad_token_id=0)
+        seq = alone.sequences[0].tolist()
+        eos = int(torch.mode(alone.sequences[0]).values)
+        end = seq.index(eos) + 1
+        stopped = calm_generate(model, [prompt], max_new_tokens=8 * k, temperature=1.0, seed=1,
+                                eos_token_id=eos, pad_token_id=0)
+        assert stopped.lengths.tolist() == [end]
+        assert stopped.sequences[0, :end].tolist() == seq[:end]
+        assert (stopped.sequences[0, end:] == 0).all()
+        assert stopped.steps == (end + k - 1) // k  # no chunk sampled after the one holding EOS
