@@ -127,9 +127,15 @@ class ArgmaxDecoder:
         scores = torch.einsum("pmd,psd->pms", states, self.weight[top_idx])
         norm = states.norm(dim=-1)
         best, where, clear = (t.view(norm.shape) for t in self._best(scores.flatten(0, 1), norm.flatten()))
-        drift = (states - ref[:, None]).norm(dim=-1) * (1 + 2.0 ** -20)  # rounding of Δ and its norm
-        slack = (drift + self.fp32_bound * norm) * self.max_norm
-        return clear & (best > ceiling[:, None] + slack), top_idx.gather(1, where)
+        sure = clear & (best > ceiling[:, None] + self._slack(states, ref[:, None], norm))
+        return sure, top_idx.gather(1, where)
+
+    def _slack(self, states: torch.Tensor, ref: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """How far a state's logit of any token outside the reference's shortlist can exceed the
+        reference's ceiling: h'·e_v = h·e_v + Δ·e_v ≤ ceiling + ‖Δ‖·max‖e_v‖ (module docstring), plus the
+        float32 rounding of the state's own dot products."""
+        drift = (states - ref).norm(dim=-1) * (1 + 2.0 ** -20)  # rounding of Δ and its norm
+        return (drift + self.fp32_bound * norm) * self.max_norm
 
     def _against(self, states: torch.Tensor, ref: torch.Tensor, top_idx: torch.Tensor, ceiling: torch.Tensor,
                  ref_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -139,9 +145,7 @@ class ArgmaxDecoder:
         scores = torch.einsum("nd,nsd->ns", states, self.weight[top_idx])
         norm = states.norm(dim=-1)
         best, where, clear = self._best(scores, norm)
-        # h'·e_v = h·e_v + Δ·e_v ≤ ceiling + ‖Δ‖·max‖e_v‖ outside the shortlist (module docstring)
-        drift = (states - ref).norm(dim=-1) * (1 + 2.0 ** -20)  # rounding of Δ and its norm
-        sure = clear & (best > ceiling + (drift + self.fp32_bound * norm) * self.max_norm)
+        sure = clear & (best > ceiling + self._slack(states, ref, norm))
         found = torch.where(sure, top_idx.gather(1, where[:, None]).squeeze(1), -1)
         if ref_token is None:
             return found, None
@@ -197,7 +201,6 @@ class ArgmaxDecoder:
                 owner = rest.nonzero()[:, 0][lead]
                 memory.keep(ids[owner], streams[rest][lead], top_idx[lead], ceiling[lead], screened[lead])
         return tokens.view(r, k, m).transpose(1, 2)
-
 
     @torch.no_grad()
     def decode_pairs(self, latents: torch.Tensor, memory: "StreamMemory",

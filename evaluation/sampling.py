@@ -203,7 +203,7 @@ def _pair_sample(sample_fn: SampleFn, pair_fn: PairFn, batch_size: int, max_draw
         draws[rows] += torch.where(accept, 2 * (first + 1), 2 * num)
         tokens[rows[accept]] = chunk[accept]
         done[rows[accept]] = True
-        hit = ~accept & (draws[rows] >= max_draws - 1)
+        hit = ~accept & last  # the round that reached the cap decoded every draw (`chunks`)
         if hit.any():
             r = rows[hit]
             index, _ = batch_select(chunks[hit], 0.5, generator=generator)

@@ -80,6 +80,14 @@ def test_exact_sampler_cap_is_reported():
     assert (result.draws == 20).all()
     assert result.tokens.shape == (8, 4)
 
+    def distinct(rows, num):  # never two equal draws: T = 1/2 (pair rounds) can only stop at the cap
+        return torch.arange(len(rows) * num * 4).view(len(rows), num, 4)
+
+    for cap in (20, 21):
+        result = exact_sample(distinct, 8, 0.5, max_draws=cap, generator=gen)
+        assert result.capped.all() and (result.draws == cap - cap % 2).all()  # whole pairs only
+        assert result.tokens.shape == (8, 4)
+
 
 def test_exact_sampler_prefix_constraint_samples_conditional():
     rows = 12000
