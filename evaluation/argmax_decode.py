@@ -10,9 +10,12 @@ products, half the memory traffic) and certified exact:
 - the top `shortlist` screened tokens are rescored exactly in float32; if the best exact score beats
   the shortlist's lowest screened score + b, no token outside the shortlist can win, and if it beats
   the runner-up by more than float32 rounding, the reference decoder ranks it first too, so that
-  token is the exact argmax. Positions failing the test (near-ties wider than the bounds) fall back
-  to the full float32 projection. The shortlist comes from block maxima of the screen (the S best
-  tokens lie in the S blocks with the best maxima), not from a top-k over the whole vocabulary.
+  token is the exact argmax. At positions failing the test, only tokens whose screened logit comes
+  within b of that best exact score can win: they are rescored in float64, which fixes how float32
+  ranks them unless they lie within float32 rounding of each other; only such near-ties take the full
+  float32 projection. The shortlist comes from block maxima of the screen (the S best tokens lie in
+  the S blocks with the best maxima), not from a top-k over the whole vocabulary. The bf16 matrix is
+  laid out for oneDNN once (`_prepack`), not on every screening call.
 
 Repeated draws for one chunk (`decode_draws`) often decode to the same few chunks (the collisions
 that low-temperature sampling lives on), and those can skip the projection altogether: one draw per (row, position) is screened as above (the reference),
@@ -56,6 +59,7 @@ class ArgmaxDecoder:
         blocks = -(-vocab // self.block)
         self.low = torch.zeros(blocks * self.block, self.weight.shape[1], dtype=torch.bfloat16, device=self.weight.device)
         self.low[:vocab] = self.weight.to(torch.bfloat16)
+        self.packed = _prepack(self.low)
         self.vocab = vocab
         self.max_references = max_references
         # A screening pass has a fixed cost of about 30 positions' worth (reading the whole bf16 matrix),
@@ -66,8 +70,13 @@ class ArgmaxDecoder:
         u, d = BF16_UNIT_ROUNDOFF, self.weight.shape[1]
         self.rel_bound = 1.25 * (3 * u + 2 * u * u + d * 2.0 ** -23)  # 25% slack over the analysis
         self.fp32_bound = 1.25 * d * 2.0 ** -23  # float32 logits alone (a certified draw is never screened)
+        self.fp32_dot = 1.25 * d * 2.0 ** -24  # γ_d of one float32 dot product, relative to Σ|h_i e_vi|
+        self.max_contenders = 256
+        """Unsettled positions with more tokens within the screening bound of the best take the full projection."""
         self.fallbacks = 0
-        """Positions that needed the full float32 projection (for benchmarks)."""
+        """Positions the shortlist did not settle (for benchmarks and tests)."""
+        self.full_projections = 0
+        """Of those, positions that needed the full float32 projection (for benchmarks and tests)."""
         self.projected = 0
         """Positions screened over the whole vocabulary (for benchmarks)."""
 
@@ -78,7 +87,7 @@ class ArgmaxDecoder:
         self.projected += m
         # Ranked in bf16 (a float32 copy of the matrix costs a full pass); the product is widened to
         # float32 because CPU reductions over it run several times faster than over bf16.
-        screen = (hidden.to(torch.bfloat16) @ self.low.T).float()
+        screen = self._bf16_logits(hidden.to(torch.bfloat16)).float()
         screen[:, self.vocab:] = -torch.inf  # padding rows of the block layout
         # top-S without a top-k over V: the S largest values lie in the S blocks with the largest maxima
         # (each of them has a block max at least as large, in a distinct block)
@@ -93,8 +102,50 @@ class ArgmaxDecoder:
         unsure = (best <= ceiling) | ~clear
         if unsure.any():
             self.fallbacks += int(unsure.sum())
-            tokens[unsure] = (hidden[unsure] @ self.weight.T).argmax(dim=1)
+            tokens[unsure] = self._contest(hidden[unsure], screen[unsure], best[unsure], norm[unsure])
         return tokens, top_idx, ceiling
+
+    def _contest(self, hidden: torch.Tensor, screen: torch.Tensor, best: torch.Tensor,
+                 norm: torch.Tensor) -> torch.Tensor:
+        """Exact argmax of states (N, d) that their shortlist left unsettled, given their screened logits
+        (N, V') and the shortlist's best exact score (N,). A token whose screened logit is more than the
+        screening bound below that score has an exact logit below it, so only the others can win. Those
+        few are rescored in float64, which gives each true logit and so bounds its float32 value in any
+        summation order (`_rank_contenders`); where that fixes the winner, the float32 matrix (2× the bf16
+        one) is never read. The rest (near-ties within float32 rounding, too many contenders) take the
+        full float32 projection."""
+        floor = best - self.rel_bound * norm * self.max_norm
+        count = min(max(int((screen >= floor[:, None]).sum(1).max()), 2), screen.shape[1])
+        tokens = torch.full_like(best, -1, dtype=torch.long)
+        if count <= self.max_contenders:
+            candidates = screen.topk(count, dim=1).indices  # each row's contenders, and maybe a few more
+            tokens = self._rank_contenders(hidden, candidates)
+        full = tokens < 0
+        if full.any():
+            self.full_projections += int(full.sum())
+            tokens[full] = (hidden[full] @ self.weight.T).argmax(dim=1)
+        return tokens
+
+    def _rank_contenders(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """States (N, d), candidate tokens (N, C) -> the token (N,) that float32 logits rank first whatever
+        their summation order, -1 where rounding could reorder the top. In float64 the products are exact
+        and the sum is off by ~1e-14, giving the true logit t_v; a float32 dot product (any order, FMA or
+        not) is within γ_d·Σ|h_i e_vi| ≈ d·2⁻²⁴·Σ|h_i e_vi| of it, so the winner's lowest float32 value must
+        beat every other candidate's highest."""
+        terms = hidden.double()[:, None, :] * self.weight[candidates].double()
+        value = terms.sum(-1)
+        slack = self.fp32_dot * terms.abs().sum(-1)
+        where = value.argmax(1, keepdim=True)
+        rival = (value + slack).scatter(1, where, -torch.inf).amax(1)
+        clear = (value - slack).gather(1, where).squeeze(1) > rival
+        return torch.where(clear, candidates.gather(1, where).squeeze(1), -1)
+
+    def _bf16_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(M, d) bf16 states -> (M, padded V) their bf16 products with the screening matrix (float32
+        accumulation either way, so the same bound holds)."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(hidden, self.packed, None, "none", [], "")
+        return hidden @ self.low.T
 
     def _best(self, scores: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exact shortlist scores (N, S) of states with norms (N,) -> (best (N,), its index (N,), clear (N,)):
@@ -212,8 +263,9 @@ class ArgmaxDecoder:
         less screening, since a pair is settled by one position certified to differ: (1) every draw is
         certified against its row's references in `memory` (decoded, or shown to differ from the
         reference's token); (2) each open pair, at its first unsettled position, has one draw screened
-        and the other certified against it; (3) each row's first open pair is decoded completely, until
-        every row has an equal pair or no open one before it. Screened draws become references.
+        and the other certified against it; (3) the pairs still open before each row's first equal pair
+        (up to the first open near one) are decoded completely in one screening pass, repeated until every
+        row has an equal pair or no open one before it. Screened draws become references.
         """
         r, m, _ = latents.shape
         pairs, k = m // 2, self.patch_size
@@ -247,19 +299,18 @@ class ArgmaxDecoder:
             which, pos = (unsettled & (first_pos | near[row, pair, None])).nonzero(as_tuple=True)
             side = (tokens[row[which], pair[which], 0, pos] >= 0).long()  # screen the first draw unless known
             self._settle(hidden, tokens, differ, slots, memory, row[which], pair[which], side, pos)
-        while True:
+        while True:  # (3): one screening pass settles every pair it takes, so this rarely loops
             same, differ = _compare(tokens, differ)
             equal = same.all(-1)
             first_equal = torch.where(equal, index, pairs).min(1).values
-            first_open = torch.where(~equal & ~differ.any(-1), index, pairs).min(1).values
-            todo = (first_open < first_equal).nonzero().squeeze(1)
-            if len(todo) == 0:
+            open_ = ~equal & ~differ.any(-1) & (index < first_equal[:, None])
+            # pairs after an open near pair are likely not needed (it is most likely equal)
+            near_open = torch.where(open_ & near, index, pairs).min(1, keepdim=True).values
+            open_ &= index <= near_open
+            if not open_.any():
                 break
-            for side in (0, 1):  # the first draw's open positions, then what certification left of the second
-                which, pos = (tokens[todo, first_open[todo], side] < 0).nonzero(as_tuple=True)
-                if len(which):
-                    self._settle(hidden, tokens, differ, slots, memory, todo[which], first_open[todo[which]],
-                                 torch.full_like(pos, side), pos)
+            row, pair, side, pos = (open_[:, :, None, None] & (tokens < 0)).nonzero(as_tuple=True)
+            self._settle(hidden, tokens, differ, slots, memory, row, pair, side, pos)
         found = first_equal < pairs
         chunk = tokens[torch.arange(r, device=device), first_equal.clamp(max=pairs - 1), 0]
         return torch.where(found, first_equal, -1), torch.where(found[:, None], chunk, 0)
@@ -280,6 +331,25 @@ class ArgmaxDecoder:
                                       found[o])
             tokens[row[o], pair[o], other[o], pos[o]] = got
             differ[row[o], pair[o], pos[o]] |= away
+
+
+def _prepack(matrix: torch.Tensor) -> torch.Tensor | None:
+    """A copy of a bf16 (V, d) matrix laid out once for oneDNN's matmul, or None where that is not
+    available (not a CPU tensor, no bf16 oneDNN kernels). A plain matmul re-lays the matrix out on every
+    call, about 1.5 ms here (as much as screening 20 positions), and screening is called many times
+    per chunk with few positions each."""
+    if matrix.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return None
+        packed = torch.ops.mkldnn._reorder_linear_weight(matrix, None)
+        probe = matrix[:1]  # private ops: used only where they give the plain product on this build
+        if not torch.equal(torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], ""), probe @ matrix.T):
+            return None
+        return packed
+    except (AttributeError, RuntimeError, TypeError):  # absent, refused or with another signature elsewhere
+        return None
 
 
 def _compare(tokens: torch.Tensor, differ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,58 @@
+"""ArgmaxDecoder's exactness-relevant pieces in isolation: the float64 ranking of contenders that
+replaces the full float32 projection on near-ties, and the prepacked bf16 screening product."""
+
+import torch
+
+from evaluation.argmax_decode import ArgmaxDecoder
+from pretrain.models import build_model
+
+K, V, D = 4, 300, 64
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    ae = dict(vocab_size=V, hidden_size=D, intermediate_size=128, latent_size=8, patch_size=K)
+    return build_model("calm", dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=4, latent_size=8, patch_size=K,
+                                    num_mlp_layers=1, ae_config=ae), device="cpu").eval()
+
+
+def test_contenders_within_float32_rounding_are_left_to_the_full_projection():
+    model = tiny_model()
+    decoder = ArgmaxDecoder(model)
+    emb = model.ae_model.encoder.embed_tokens.weight
+    h = torch.randn(1, D)
+    with torch.no_grad():
+        # token 9 is token 7 with one coordinate moved by one float32 ulp towards h: truly larger by far
+        # less than float32 rounding, so float32 logits tie and argmax takes token 7 (the first)
+        i = h[0].abs().argmax()
+        emb[9] = emb[7]
+        emb[9, i] = torch.nextafter(emb[7, i], torch.tensor(torch.inf) * h[0, i].sign())
+        emb[11] = h[0] / h[0].norm() * 3  # far ahead of everyone
+    exact64 = h.double() @ emb.double().T
+    assert exact64[0, 9] > exact64[0, 7]
+    assert (h @ emb[[7, 9]].T).argmax(1).item() == 0  # the trap: float64 and float32 disagree
+    assert decoder._rank_contenders(h, torch.tensor([[7, 9]])).item() == -1
+    assert decoder._rank_contenders(h, torch.tensor([[7, 9, 11]])).item() == 11
+    decoder.fp32_dot = 0.0  # without the rounding slack the float64 winner would be taken: wrong
+    assert decoder._rank_contenders(h, torch.tensor([[7, 9]])).item() == 9
+
+
+def test_near_tied_screens_match_float32_decoding():
+    model = tiny_model(seed=1)
+    with torch.no_grad():  # pairs of near-duplicate tokens: ties at every scale down to float32 rounding
+        emb = model.ae_model.encoder.embed_tokens.weight
+        emb[V // 2:] = emb[: V // 2] * (1 + torch.logspace(-9, -3, V // 2)[:, None])
+    decoder = ArgmaxDecoder(model, shortlist=2)
+    latents = torch.randn(256, 2, 8) * 3
+    assert torch.equal(decoder(latents), model.decode_latents(latents))
+    assert decoder.fallbacks > decoder.full_projections > 0  # both the contest and the full projection ran
+
+
+def test_prepacked_screen_equals_plain_bf16_product():
+    decoder = ArgmaxDecoder(tiny_model())
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert decoder.packed is not None  # the fast path is the one under test here
+    for m in (1, 7, 40):
+        h = torch.randn(m, D).to(torch.bfloat16)
+        assert torch.equal(decoder._bf16_logits(h), h @ decoder.low.T)
