@@ -57,8 +57,9 @@ class PrepConfig:
                             f"--patch-size {self.patch_size} (K)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
-        if self.train_tokenizer and self.vocab_size < 300:
-            raise DataError(f"--vocab-size {self.vocab_size} is below the 256 byte symbols plus merges")
+        if self.train_tokenizer and self.vocab_size < toks.MIN_TRAINED_VOCAB:
+            raise DataError(f"--vocab-size {self.vocab_size} cannot hold the 256 byte symbols plus EOS and PAD "
+                            f"(minimum {toks.MIN_TRAINED_VOCAB}, which is plain bytes without merges)")
 
 
 def documents(resolved: list[dict], cfg: PrepConfig, bad: BadInput, per_source: list[int]) -> Iterator[tuple[int, str]]:

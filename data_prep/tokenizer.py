@@ -13,6 +13,8 @@ from typing import Iterable
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+MIN_TRAINED_VOCAB = 256 + 2
+"""A trained byte-level BPE holds every byte plus EOS and PAD; anything above that is merges."""
 
 
 class TokenizerError(RuntimeError):

@@ -163,6 +163,7 @@ def test_changed_settings_are_refused_then_overwritten(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--block-len", "30"], "multiple of --patch-size"),
     (["--val-fraction", "1.5"], "val-fraction"),
+    (["--vocab-size", "257"], "cannot hold the 256 byte symbols plus EOS and PAD"),
 ])
 def test_bad_flags(tmp_path, flags, message):
     src = write_jsonl(tmp_path / "a.jsonl", make_texts(3))
