@@ -7,7 +7,13 @@ Brier-n estimate for the n tokens starting chunk t+1 is
     1{x¹_{1..n} = y} + 1{x²_{1..n} = y} − 1{x¹_{1..n} = x²_{1..n}}
 
 computed with cumulative products over token positions. With K >= 4 every n <= 4 lies inside one
-chunk and one teacher-forced pass suffices. With K < 4 the n-grams span D = ⌈4/K⌉ chunks:
+chunk and one teacher-forced pass suffices; there S > 2 samples may be drawn instead, and
+
+    (2/S) Σ_s 1{x^s_{1..n} = y} − 2/(S(S−1)) Σ_{s<s'} 1{x^s_{1..n} = x^{s'}_{1..n}}
+
+estimates the same 2 P(y) − Σ_x P(x)² with less variance: a weak model's whole-chunk hits are rare, and
+with two samples its Brier-4 is mostly noise (the baseline's Brier-1 needs no samples at all, its exact
+probabilities are known). With K < 4 the n-grams span D = ⌈4/K⌉ chunks and two samples are used:
 
 - accuracy terms: sample a's tokens beyond chunk t+1 are taken from sample a of the *teacher-forced*
   steps t+1, t+2, ...; those only matter when sample a's earlier chunks equal the truth, and then
@@ -35,12 +41,12 @@ from evaluation.brierlm import BlockEstimates
 
 
 class ChunkSampler(Protocol):
-    """Two decoded samples of the next chunk, teacher-forced or on a branch."""
+    """Decoded samples of the next chunk, teacher-forced (S of them) or on a branch (two)."""
 
     patch_size: int
 
     def teacher(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T·K) -> (B, T, 2, K): two samples of chunk t+1 given chunks 0..t."""
+        """input_ids (B, T·K) -> (B, T, S, K): S >= 2 samples of chunk t+1 given chunks 0..t."""
 
     def branch(
         self, chunks: torch.Tensor, position_ids: torch.Tensor, prefix_len: torch.Tensor, prev_cols: torch.Tensor
@@ -54,20 +60,24 @@ class CALMSampler:
     """`ChunkSampler` over a `pretrain.models.CALM`: backbone + energy head + frozen AE decoder."""
 
     def __init__(self, model, generator: torch.Generator | None = None, max_queries: int = 256,
-                 max_elements: int = 1 << 24) -> None:
+                 max_elements: int = 1 << 24, num_samples: int = 2) -> None:
         ensure_mask_capable(model)
         self.model = model
         self.patch_size = model.config.patch_size
+        if num_samples < 2 or (num_samples > 2 and self.patch_size < N_GRAMS):
+            raise ValueError(f"samples per position must be 2, or more with K >= {N_GRAMS} "
+                             f"(got {num_samples} at K = {self.patch_size})")
+        self.num_samples = num_samples
         self.generator = generator
         self.max_queries = max_queries
         vocab = model.ae_model.config.vocab_size
-        self.decode_slice = max(1, max_elements // (2 * self.patch_size * vocab))
+        self.decode_slice = max(1, max_elements // (num_samples * self.patch_size * vocab))
         self.cache = None
         self.forward_calls = 0
 
-    def _two_samples(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden (B, M, d) -> decoded samples (B, M, 2, K), decoding in slices to bound the logits."""
-        latents = self.model.sample_latents(hidden, num_samples=2, generator=self.generator)
+    def _samples(self, hidden: torch.Tensor, num: int) -> torch.Tensor:
+        """Hidden (B, M, d) -> decoded samples (B, M, num, K), decoding in slices to bound the logits."""
+        latents = self.model.sample_latents(hidden, num_samples=num, generator=self.generator)
         out = []
         for start in range(0, latents.shape[2], self.decode_slice):
             part = latents[:, :, start : start + self.decode_slice]
@@ -80,7 +90,7 @@ class CALMSampler:
         hidden, _ = self.model.backbone(self.model.chunk_embeddings(input_ids), past_key_values=cache, use_cache=True)
         self.cache = BranchCache(cache)
         self.forward_calls += 1
-        return self._two_samples(hidden)
+        return self._samples(hidden, self.num_samples)
 
     @torch.no_grad()
     def branch(self, chunks, position_ids, prefix_len, prev_cols):
@@ -89,7 +99,7 @@ class CALMSampler:
             self.model.transformer, self.cache, embeds, position_ids, prefix_len, prev_cols, self.max_queries
         )
         self.forward_calls += -(-chunks.shape[1] // self.max_queries)
-        return self._two_samples(hidden), cols
+        return self._samples(hidden, 2), cols
 
 
 def _cumulative(eq: torch.Tensor) -> torch.Tensor:
@@ -112,7 +122,10 @@ def calm_brier_block(
         raise ValueError(f"block lengths {lengths.tolist()} must be multiples of patch_size {k}")
     steps, depth_max = length // k, math.ceil(N_GRAMS / k)
     chunks = input_ids.view(bsz, steps, k)
-    samples = sampler.teacher(input_ids)  # (B, T, 2, K): samples[:, t] predicts chunk t+1
+    samples = sampler.teacher(input_ids)  # (B, T, S, K): samples[:, t] predicts chunk t+1
+    num = samples.shape[2]
+    if num > 2 and depth_max > 1:
+        raise ValueError(f"{num} samples per position need K >= {N_GRAMS} (K = {k} uses two and branches)")
     valid = torch.arange(steps, device=device)[None, :] <= (lengths[:, None] // k - 1 - depth_max)
 
     # Chunks t+1 .. t+D of the truth and of each sample stream, laid out token by token.
@@ -121,8 +134,12 @@ def calm_brier_block(
     target = torch.cat([truth[:, 1 + d : 1 + d + steps] for d in range(depth_max)], dim=-1)
     acc = sum(
         _cumulative(torch.cat([streams[:, d : d + steps, a] for d in range(depth_max)], dim=-1) == target)
-        for a in range(2)
-    )
+        for a in range(num)
+    ) * (2 / num)
+    if num > 2:  # one chunk holds every n-gram: the collisions are all among the teacher-forced samples
+        pairs = torch.triu_indices(num, num, offset=1).T.tolist()
+        collisions = sum(_cumulative(samples[:, :, a] == samples[:, :, b]) for a, b in pairs) / len(pairs)
+        return (acc - collisions)[valid]
 
     agree = torch.zeros(bsz, steps, depth_max * k, dtype=torch.bool, device=device)
     agree[..., :k] = samples[:, :, 0] == samples[:, :, 1]

@@ -93,8 +93,9 @@ def test_reference_mean_matches_exact(tiny_lm):
 class MarkovChunks:
     """Synthetic CALM head: the next chunk depends only on the current one through a known table."""
 
-    def __init__(self, k: int, seed: int) -> None:
+    def __init__(self, k: int, seed: int, num_samples: int = 2) -> None:
         self.patch_size = k
+        self.num_samples = num_samples
         self.gen = torch.Generator().manual_seed(seed)
         n = 2 ** k
         self.table = torch.distributions.Dirichlet(torch.full((n,), 0.3)).sample((n,)).double()
@@ -107,13 +108,13 @@ class MarkovChunks:
     def tokens(self, idx: torch.Tensor) -> torch.Tensor:
         return (idx[..., None] // self.bits) % 2
 
-    def _draw(self, idx: torch.Tensor) -> torch.Tensor:
+    def _draw(self, idx: torch.Tensor, num: int = 2) -> torch.Tensor:
         probs = self.table[idx.flatten()]
-        draws = torch.multinomial(probs, 2, replacement=True, generator=self.gen)
-        return self.tokens(draws.view(*idx.shape, 2))
+        draws = torch.multinomial(probs, num, replacement=True, generator=self.gen)
+        return self.tokens(draws.view(*idx.shape, num))
 
     def teacher(self, input_ids):
-        return self._draw(self.index(input_ids.view(input_ids.shape[0], -1, self.patch_size)))
+        return self._draw(self.index(input_ids.view(input_ids.shape[0], -1, self.patch_size)), self.num_samples)
 
     def branch(self, chunks, position_ids, prefix_len, prev_cols):
         return self._draw(self.index(chunks)), torch.zeros_like(position_ids)
@@ -129,10 +130,10 @@ class MarkovChunks:
         return sum(self.prob(c, list(s)) ** 2 for s in itertools.product(range(2), repeat=m))
 
 
-@pytest.mark.parametrize("k", [4, 2, 1])
-def test_calm_estimator_matches_exact_markov_head(k):
+@pytest.mark.parametrize("k, num_samples", [(4, 2), (4, 8), (2, 2), (1, 2)])
+def test_calm_estimator_matches_exact_markov_head(k, num_samples):
     torch.manual_seed(k)
-    sampler = MarkovChunks(k, seed=k)
+    sampler = MarkovChunks(k, seed=k, num_samples=num_samples)
     steps = 7
     ids = torch.randint(0, 2, (2, steps * k), generator=torch.Generator().manual_seed(k))
     depth = math.ceil(4 / k)
@@ -150,6 +151,24 @@ def test_calm_estimator_matches_exact_markov_head(k):
     mean, se = est.mean(0), est.std(0) / math.sqrt(reps)
     z = (mean - exact).abs() / se.clamp_min(1e-12)
     assert bool((z < 4.5).all()), z
+
+
+def test_more_samples_per_position_lower_the_variance_not_the_mean():
+    ids = torch.randint(0, 2, (4, 40), generator=torch.Generator().manual_seed(0))
+    reps, est = 800, {}
+    for num in (2, 8):
+        torch.manual_seed(3)  # the same transition table (drawn from the global generator) for both
+        est[num] = calm_brier_block(MarkovChunks(4, seed=num, num_samples=num), ids.repeat(reps, 1)).view(reps, -1, 4)
+    mean = {n: e.mean(0) for n, e in est.items()}  # per position and n-gram
+    var = {n: e.var(0) for n, e in est.items()}  # the estimator's own variance at each position
+    z = (mean[2] - mean[8]).abs() / ((var[2] + var[8]) / reps).sqrt().clamp_min(1e-12)
+    assert bool((z < 4.5).all()), z
+    assert bool((var[8].mean(0) < 0.6 * var[2].mean(0)).all()), (var[8].mean(0), var[2].mean(0))
+
+
+def test_more_than_two_samples_need_whole_ngrams_in_one_chunk():
+    with pytest.raises(ValueError, match="need K >= 4"):
+        calm_brier_block(MarkovChunks(2, 0, num_samples=4), torch.zeros(1, 8, dtype=torch.long))
 
 
 def test_calm_block_rejects_lengths_not_multiple_of_k():
