@@ -38,13 +38,16 @@ def test_quickstart_small_produces_a_sane_report(quickstart_out):
     heldout = "data:validation"
     for stage in ("calm", "baseline"):
         row = rows[(stage, heldout)]
-        assert 0 <= row["brierlm"]["brierlm"] < 100, row["brierlm"]
         assert all(-1 <= b <= 1 for b in row["brierlm"]["brier_n"])
         assert row["brierlm"]["positions"] > 0
         assert row["train_flops"] > 0 and row["inference_flops_per_token"] > 0 and row["params"] > 0
-    # A few minutes of CPU training is enough for the baseline's Brier-1..4 to be positive; the
-    # tiny CALM's Brier-4 is still ~0 at this scale, so its BrierLM may floor at 0.
-    assert rows[("baseline", heldout)]["brierlm"]["brierlm"] > 0
+    # A few CPU minutes are enough for both models to reproduce whole 4-token chunks from context, so
+    # every Brier-n and hence BrierLM is positive; CALM's rarer hits are counted over 8 samples per position.
+    for stage in ("calm", "baseline"):
+        brier = rows[(stage, heldout)]["brierlm"]
+        assert 0 < brier["brierlm"] < 100, brier
+        assert brier["brierlm"] > 3 * brier["brierlm_se"], brier
+    assert rows[("calm", heldout)]["brierlm"]["samples_per_position"] == 8
     # Sampling speed was timed (the report's gen tokens/s); CALM's backbone runs once per chunk.
     for stage in ("calm", "baseline"):
         assert rows[(stage, heldout)]["tokens_per_second"] > 0
@@ -56,7 +59,8 @@ def test_quickstart_small_produces_a_sane_report(quickstart_out):
     assert abs(base_flops - calm_flops) / calm_flops < 0.1
 
     ae = rows[("autoencoder", heldout)]["reconstruction"]
-    assert 0.5 < ae["accuracy"] <= 1 and 0.5 < ae["accuracy_mean"] <= 1
+    # 99.66% after the --small run's 200 steps (the full quick start's 400 steps reach >= 99.5%)
+    assert 0.99 <= ae["accuracy"] <= 1 and 0.99 <= ae["accuracy_mean"] <= 1
     assert ae["robustness"][0]["accuracy"] >= ae["robustness"][-1]["accuracy"]
 
     markdown = (out / "report" / "report.md").read_text()
