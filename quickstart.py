@@ -33,14 +33,11 @@ def _train_flops_per_step(preset: str, vocab: int, block: int, ae_path: Path | N
     """Training FLOPs of one optimizer step of a preset on one rank, counted as the trainer counts them
     (its model config built the same way, CALM's with the frozen autoencoder's encoder)."""
     from pretrain.config import load_config
-    from pretrain.models import AutoencoderConfig, build_config
+    from pretrain.models import build_config
     from pretrain.train import flops_per_token
 
     config = load_config(preset, [f"model.vocab_size={vocab}"])
-    model = dict(config.model)
-    if ae_path is not None:  # the trained autoencoder's config, as the built CALM carries it
-        model["ae_config"] = AutoencoderConfig.from_pretrained(ae_path)
-    model_config = build_config(config.stage, model)
+    model_config = build_config(config.stage, dict(config.model), str(ae_path) if ae_path else None)
     tokens_per_step = config.micro_batch_size * config.grad_accum_steps * block
     return flops_per_token(model_config, config.stage, block) * tokens_per_step
 

@@ -21,6 +21,7 @@ the parameter formulas against models built on the meta device.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from transformers import LlamaConfig, PreTrainedConfig
@@ -87,9 +88,12 @@ def _embed_proj(config: CALMConfig) -> int:
 
 
 def calm_ae_config(config: CALMConfig) -> AutoencoderConfig:
-    """The CALM's autoencoder config; the paper's 75M autoencoder when the config names none in memory."""
+    """The CALM's autoencoder config: in memory, else read from `ae_path` when that is an exported
+    autoencoder here, else the paper's 75M autoencoder (e.g. the authors' configs' unreachable paths)."""
     if config.ae_config is not None:
         return config.ae_config
+    if config.ae_path and os.path.isfile(os.path.join(config.ae_path, "config.json")):
+        return AutoencoderConfig.from_pretrained(config.ae_path)
     return AutoencoderConfig(vocab_size=config.vocab_size, patch_size=config.patch_size, latent_size=config.latent_size)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from evaluation.flops import (
+    calm_ae_config,
     forward_flops_per_token,
     inference_flops_per_token,
     param_count,
@@ -84,3 +85,14 @@ def test_headline_compute_savings_of_calm_m_over_transformer_s():
     infer_ratio = inference_flops_per_token(calm, stage_m) / inference_flops_per_token(small, stage_s)
     assert train_ratio == pytest.approx(0.56, abs=0.05)
     assert infer_ratio == pytest.approx(0.66, abs=0.05)
+
+
+def test_calm_config_naming_an_exported_autoencoder_counts_that_autoencoder(tmp_path):
+    tiny = AutoencoderConfig(vocab_size=260, hidden_size=64, intermediate_size=128, latent_size=16, patch_size=4)
+    tiny.save_pretrained(tmp_path)
+    named = build_config("calm", dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=4, latent_size=16, patch_size=4,
+                                      num_mlp_layers=1), str(tmp_path))
+    assert calm_ae_config(named).hidden_size == 64  # not the paper's 512-wide fallback
+    in_memory = build_config("calm", dict(named.to_dict(), ae_path=None, ae_config=tiny))
+    assert train_flops_per_token(named, "calm", 64) == train_flops_per_token(in_memory, "calm", 64)
