@@ -99,13 +99,48 @@ def energy_loss(
         raise ValueError(f"shape mismatch: samples {tuple(samples.shape)}, mu {tuple(mu.shape)}, "
                          f"log_sigma {tuple(log_sigma.shape)}")
     batch_shape, latent = mu.shape[:-1], mu.shape[-1]
-    x = samples.float().reshape(n, -1, latent).transpose(0, 1)  # (P, N, l)
+    # Centred on the target mean: distances do not change, and the matmul form below then works on
+    # small numbers (its cancellation error scales with the squared norms).
+    centre = mu.float().reshape(-1, 1, latent)
+    x = samples.float().reshape(n, -1, latent).transpose(0, 1) - centre  # (P, N, l)
     eps = torch.randn((num_target_samples, *mu.shape), device=mu.device, generator=generator)
-    y = (mu.float() + torch.exp(log_sigma.float()) * eps).reshape(num_target_samples, -1, latent).transpose(0, 1)
-    # The fused (non-matmul) cdist kernel stays exact for small distances; only the n < k pairs are
-    # raised to beta, so the zero diagonal never meets a negative power in the backward pass.
-    mode = "donot_use_mm_for_euclid_dist"
-    d_xy = torch.cdist(x, y, compute_mode=mode).pow(beta).mean(dim=(1, 2))
+    y = (torch.exp(log_sigma.float()) * eps).reshape(num_target_samples, -1, latent).transpose(0, 1)  # (P, M, l)
+    d_xy = _euclidean_matmul(x, y).pow(beta).mean(dim=(1, 2))
+    # The N x N sample distances stay in the direct form: it is exact for near-equal samples, and only
+    # the n < k pairs are raised to beta, so the zero diagonal never meets a negative power in backward.
     rows, cols = torch.triu_indices(n, n, offset=1, device=x.device)
-    d_xx = torch.cdist(x, x, compute_mode=mode)[:, rows, cols].pow(beta).mean(dim=1)
+    d_xx = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")[:, rows, cols].pow(beta).mean(dim=1)
     return (2 * d_xy - d_xx).reshape(batch_shape)
+
+
+def _euclidean_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a_i - b_j|| for (P, N, l) x (P, M, l) -> (P, N, M) in float32 through one batched matmul.
+
+    The direct form (`cdist` without mm) launches a block per distance on CUDA and keeps an
+    (P, N, M, l) buffer for backward; this form needs (P, N, M). TF32 is switched off for it:
+    its 10-bit mantissa would cost the distances about three decimal digits.
+    """
+    with _full_fp32_matmul(a.device):
+        squared = torch.baddbmm((b * b).sum(-1).unsqueeze(1), a, b.transpose(1, 2), alpha=-2.0)
+    squared = squared + (a * a).sum(-1, keepdim=True)
+    # Clamped away from 0: rounding can make a tiny squared distance negative, and sqrt's gradient at 0
+    # is infinite (the clamp's zero gradient then wins).
+    return squared.clamp_min(1e-20).sqrt()
+
+
+class _full_fp32_matmul:
+    """Context manager: float32 matmuls in full precision on CUDA (TF32 off), restored on exit."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.saved = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32 = self.saved
+        return False
