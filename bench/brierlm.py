@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m bench.brierlm [--context 2048] [--vocab-size 32000] [--collision 0.4] [--repeats 3]
     OMP_NUM_THREADS=1 python -m bench.brierlm --model runs/baseline-s/export \\
-        --data ../shared/data/wikitext103_test_documents.jsonl
+        --data wikitext103_test.jsonl       # WikiText-103 test documents, JSONL of {"text": ...}
 
 Default: a random-init Llama of 4 layers, d = 256 (the authors' measurement: their per-position loop
 made ~3,800 forward calls and took 21.5 s for one 2048-token sequence of such a model on one CPU

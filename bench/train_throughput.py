@@ -12,7 +12,7 @@ preset's ds_config, HfDeepSpeedConfig partitioning, torch AdamW) and trained for
 optimizer steps on random token blocks of the preset's vocabulary (throughput does not depend on
 the text). CALM needs an autoencoder: a randomly initialised one of --ae-preset's shape is exported
 to a temporary directory (its weights do not change the cost). FLOPs per token come from
-evaluation.flops (calm.md §7); MFU divides achieved FLOP/s by the device's peak bf16 FLOP/s
+evaluation.flops (docs/method.md §7); MFU divides achieved FLOP/s by the device's peak bf16 FLOP/s
 (pretrain.logging.PEAK_BF16_TFLOPS) and is printed only on a known GPU.
 """
 

@@ -145,7 +145,16 @@ class ArgmaxDecoder:
         accumulation either way, so the same bound holds)."""
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(hidden, self.packed, None, "none", [], "")
-        return hidden @ self.low.T
+        if hidden.device.type != "cuda":
+            return hidden @ self.low.T
+        # cuBLAS may accumulate bf16 products in reduced precision unless told not to; the bound assumes
+        # float32 accumulation.
+        saved = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        try:
+            return hidden @ self.low.T
+        finally:
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = saved
 
     def _best(self, scores: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exact shortlist scores (N, S) of states with norms (N,) -> (best (N,), its index (N,), clear (N,)):

@@ -1,4 +1,4 @@
-"""Accumulate per-position Brier-1..4 estimates into BrierLM with a standard error (calm.md §5).
+"""Accumulate per-position Brier-1..4 estimates into BrierLM with a standard error (docs/method.md §5).
 
 Every estimator in `evaluation.brierlm` yields one row of four unbiased estimates (Brier-1..4) per
 evaluated position. This module only keeps sufficient statistics — the count, the sums and the sums
@@ -41,14 +41,9 @@ class BrierAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the statistics over all ranks (no-op outside torch.distributed)."""
-        import torch.distributed as dist
+        from pretrain.distributed import all_reduce
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flat = torch.cat([self.count.view(1), self.sum, self.outer.flatten()]).to(device)
-        dist.all_reduce(flat)
-        flat = flat.cpu()
+        flat = all_reduce(torch.cat([self.count.view(1), self.sum, self.outer.flatten()]))
         self.count = flat[0].clone()
         self.sum = flat[1 : 1 + N_GRAMS].clone()
         self.outer = flat[1 + N_GRAMS :].view(N_GRAMS, N_GRAMS).clone()

@@ -1,4 +1,4 @@
-"""BrierLM estimators for the discrete baseline (calm.md §5), batched and per-position.
+"""BrierLM estimators for the discrete baseline (docs/method.md §5), batched and per-position.
 
 For a position p of a block y (predicting y_{p+1..p+n}) the Brier-n estimate is
 
@@ -87,6 +87,10 @@ def head_stats(
     """
     n = hidden.shape[0]
     weight, bias = lm_head.weight, lm_head.bias
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        # Logits rounded to 8 bits of mantissa would tie and shift probabilities: form them in float32.
+        hidden, weight = hidden.float(), weight.float()
+        bias = None if bias is None else bias.float()
     step = min(n, max(256, max_elements // weight.shape[0]))
     buffer = hidden.new_empty(step, weight.shape[0])
     logq, coll, samples = [], [], []
@@ -95,8 +99,6 @@ def head_stats(
         logits = torch.mm(hidden[start : start + rows], weight.T, out=buffer[:rows])
         if bias is not None:
             logits += bias
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
         top = logits.amax(-1, keepdim=True)
         if targets is not None:
             picked = logits.gather(-1, targets[start : start + rows, None]) - top

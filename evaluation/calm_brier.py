@@ -1,4 +1,4 @@
-"""BrierLM estimator for CALM (calm.md §5): likelihood-free, from decoded head samples only.
+"""BrierLM estimator for CALM (docs/method.md §5): likelihood-free, from decoded head samples only.
 
 At every chunk position t of a block (chunks c_0..c_{T−1}; the state after reading c_0..c_t predicts
 c_{t+1}) two head samples are drawn and decoded by the autoencoder (argmax) into K tokens each. The

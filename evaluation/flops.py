@@ -1,4 +1,4 @@
-"""Parameter and FLOPs accounting for the three model kinds, counted as in the paper (calm.md §7).
+"""Parameter and FLOPs accounting for the three model kinds, counted as in the paper (docs/method.md §7).
 
 Convention (the paper's Table 1): a forward pass costs 2 FLOPs per parameter it touches per token
 (matrix multiplies; embedding *lookups* are free, output matrices are not), plus attention
@@ -174,7 +174,7 @@ def inference_flops_per_token(config: ConfigLike, stage: str, context: int = PAP
     return forward_flops_per_token(config, stage, context)
 
 
-# Table 1 of the paper (calm.md §4): parameters, inference FLOPs per token.
+# Table 1 of the paper (docs/method.md §4): parameters, inference FLOPs per token.
 TABLE1 = {
     "transformer-s": (281e6, 4.4e8), "transformer-m": (465e6, 7.9e8), "transformer-l": (849e6, 15.0e8),
     "calm-m": (371e6, 2.9e8), "calm-l": (735e6, 4.6e8), "calm-xl": (1.82e9, 9.4e8), "ae": (75e6, None),

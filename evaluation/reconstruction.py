@@ -1,4 +1,4 @@
-"""Autoencoder fidelity (calm.md §2): reconstruction accuracy and its robustness to latent noise.
+"""Autoencoder fidelity (docs/method.md §2): reconstruction accuracy and its robustness to latent noise.
 
 For every batch of token blocks (lengths multiples of K) the encoder gives (μ, log σ) per chunk;
 each chunk is decoded by argmax from
@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+from pretrain.distributed import all_reduce
 
 DEFAULT_NOISE_STDS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -51,8 +53,7 @@ def reconstruction_eval(
             hits = (autoencoder.decode(z).argmax(-1) == ids) & mask
             correct[i] += hits.sum().double().cpu()
         total += mask.sum().double().cpu()
-    counts = torch.cat([correct, total.view(1)])
-    _all_reduce(counts)
+    counts = all_reduce(torch.cat([correct, total.view(1)]))
     correct, total = counts[:-1], float(counts[-1])
     if total == 0:
         raise ValueError("no tokens to reconstruct")
@@ -63,13 +64,3 @@ def reconstruction_eval(
         "tokens": int(total),
         "robustness": [{"noise_std": s, "accuracy": a} for s, a in zip(stds, acc[2:])],
     }
-
-
-def _all_reduce(t: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        buf = t.to(device)
-        dist.all_reduce(buf)
-        t.copy_(buf.cpu())

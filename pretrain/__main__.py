@@ -18,19 +18,19 @@ NPROC processes on one node (GPUs, or CPU ranks over gloo):
 
 Multi-node with torchrun (run on every node, NODE_RANK 0..NNODES-1; run_dir on a shared filesystem):
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr node0 --master_port 29500 \
-        -m pretrain --stage baseline --config transformer-s run_dir=/shared/runs/ts
+        -m pretrain --stage baseline --config transformer-s run_dir=/nfs/runs/ts
     NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 NPROC=8 \
-        bash run.sh train --stage baseline --config transformer-s run_dir=/shared/runs/ts
+        bash run.sh train --stage baseline --config transformer-s run_dir=/nfs/runs/ts
 
 Multi-node with the deepspeed launcher and a hostfile (lines `node0 slots=8`), one command per node:
     deepspeed --hostfile hosts --no_ssh --node_rank 0 --master_addr node0 --master_port 29500 \
-        --num_gpus 8 --module pretrain --stage baseline --config transformer-s run_dir=/shared/runs/ts
+        --num_gpus 8 --module pretrain --stage baseline --config transformer-s run_dir=/nfs/runs/ts
     LAUNCHER=deepspeed HOSTFILE=hosts NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NPROC=8 \
-        bash run.sh train --stage baseline --config transformer-s run_dir=/shared/runs/ts
+        bash run.sh train --stage baseline --config transformer-s run_dir=/nfs/runs/ts
 
 SLURM (inside an sbatch script with --nodes N --ntasks-per-node 1; one torchrun per node via srun):
     LAUNCHER=slurm NPROC=8 bash run.sh train --stage calm --config calm-m ae_path=runs/ae/export \
-        run_dir=/shared/runs/calm-m
+        run_dir=/nfs/runs/calm-m
 
 Dry run (any of the forms above with --dry-run): resolve and validate the config, build the model on
 PyTorch's meta device (no memory, no weights) to count its parameters, fill the DeepSpeed JSON for
@@ -133,15 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     resume = bool(existing) if args.resume is None else args.resume
     world = distributed.init(args.local_rank)
     try:
-        trainer = Trainer(config, world, resume)
-        code = trainer.run(resume)
-        if code == 0 and config.export:
-            from pretrain.export import export_run
-
-            distributed.barrier()
-            if world.is_main:
-                export_run(config.run_dir)
-        return code
+        code = Trainer(config, world, resume).run()
     except (ConfigError, ManifestError, ShardError, checkpoint.ResumeError) as exc:
         print(f"error (rank {world.rank}): {exc}", file=sys.stderr)
         return 2
@@ -150,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NONFINITE
     finally:
         distributed.shutdown()
+    if code == 0 and config.export and world.is_main:
+        # After the process group is gone: the other ranks have exited instead of waiting in a
+        # collective that a long export could time out (NCCL's watchdog), and the export needs no group.
+        from pretrain.export import export_run
+
+        export_run(config.run_dir)
+    return code
 
 
 if __name__ == "__main__":

@@ -30,17 +30,15 @@ continues at the same sample; only the per-rank RNG streams (dropout, noise) sta
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from pretrain import distributed
 from pretrain.config import TrainConfig, save_config
+from pretrain.state import TrainState, set_rng_state
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 UNIVERSAL_HINT = (
@@ -52,6 +50,10 @@ UNIVERSAL_HINT = (
 
 class ResumeError(RuntimeError):
     """The checkpoint cannot be resumed as asked; the message says why and what to do."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The weights hold NaN/Inf: saving them would overwrite good checkpoints with a poisoned one."""
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -67,37 +69,38 @@ def latest_tag(run_dir: str | Path) -> str | None:
     return latest.read_text().strip() if latest.exists() else None
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def weights_are_finite(engine) -> bool:
+    """Every rank's weights finite (collective). Under ZeRO-3 each rank checks its own partition."""
+    finite = True
+    for param in engine.module.parameters():
+        local = getattr(param, "ds_tensor", param)
+        if local.numel() and not torch.isfinite(local).all():
+            finite = False
+            break
+    return distributed.all_true(finite)
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def save(engine, config: TrainConfig, world: distributed.World, state: TrainState) -> Path:
+    """Collective: every rank must call this with the same `state.step`; `state.rng` is this rank's.
 
-
-def save(engine, config: TrainConfig, world: distributed.World, step: int, tokens_seen: int,
-         loader_state: dict, rng: dict, wandb_run_id: str | None) -> Path:
-    """Collective: every rank must call this with the same `step`."""
+    Refuses (NonFiniteWeightsError, nothing written) when any rank's weights are not finite.
+    """
+    if not weights_are_finite(engine):
+        raise NonFiniteWeightsError(
+            f"the weights hold NaN/Inf after step {state.step}; no checkpoint was written, so "
+            f"{checkpoint_root(config.run_dir)} still holds only the earlier, finite ones")
     root = checkpoint_root(config.run_dir)
-    tag = tag_for(step)
-    client = {"step": step, "tokens_seen": tokens_seen, "loader": loader_state, "config": config.to_dict(),
-              "wandb_run_id": wandb_run_id, "world_size": world.world_size}
+    tag = tag_for(state.step)
+    client = {**state.shared(), "config": config.to_dict(), "world_size": world.world_size}
     # DeepSpeed writes `latest` at the end of its save, so a crash mid-save leaves the old one valid;
     # our per-rank files go in first for the same reason.
     ckpt = root / tag
     ckpt.mkdir(parents=True, exist_ok=True)
-    torch.save(rng, ckpt / f"rank_{world.rank:05d}.pt")
+    torch.save(state.rng, ckpt / f"rank_{world.rank:05d}.pt")
     if world.is_main:
         save_config(config, ckpt / "config.yaml")
         (ckpt / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "tokens_seen": tokens_seen, "world_size": world.world_size}, indent=1))
+            {"step": state.step, "tokens_seen": state.tokens_seen, "world_size": world.world_size}, indent=1))
     distributed.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client)
     distributed.barrier()
@@ -149,11 +152,8 @@ def _repair_universal_optimizer(engine, config: TrainConfig) -> None:
             state["step"] = state["step"].clone()
 
 
-def load(engine, config: TrainConfig, world: distributed.World) -> dict[str, Any]:
-    """Restore engine, RNG and loader state from `run_dir/checkpoints/latest`.
-
-    Returns {"step", "tokens_seen", "wandb_run_id", "loader"}.
-    """
+def load(engine, config: TrainConfig, world: distributed.World) -> TrainState:
+    """Restore the engine from `run_dir/checkpoints/latest` and return the run's TrainState (RNG restored)."""
     root = checkpoint_root(config.run_dir)
     tag = latest_tag(config.run_dir)
     if tag is None:
@@ -168,7 +168,8 @@ def load(engine, config: TrainConfig, world: distributed.World) -> dict[str, Any
     if engine.load_universal_checkpoint():
         _repair_universal_optimizer(engine, config)
     rank_file = ckpt / f"rank_{world.rank:05d}.pt"
+    rng = None
     if rank_file.exists() and saved_world == world.world_size:
-        set_rng_state(torch.load(rank_file, weights_only=False))
-    return {"step": client["step"], "tokens_seen": client["tokens_seen"],
-            "wandb_run_id": client.get("wandb_run_id"), "loader": client["loader"]}
+        rng = torch.load(rank_file, weights_only=False)
+        set_rng_state(rng)
+    return TrainState.from_shared(client, rng)

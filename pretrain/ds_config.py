@@ -42,6 +42,16 @@ def build_ds_config(config: TrainConfig, world_size: int, precision: str, root: 
     _fill(ds, "gradient_clipping", float(config.optim.grad_clip), str(path))
     bf16 = ds.setdefault("bf16", {})
     _fill(bf16, "enabled", precision == "bf16", f"{path} (bf16)")
+    if precision == "bf16":
+        # Without it ZeRO sums the micro-batches' gradients in bf16 (8 bits of mantissa): with 8 or 32
+        # accumulation steps the small ones are rounded away. fp32 costs one fp32 gradient partition.
+        _fill(ds.setdefault("data_types", {}), "grad_accum_dtype", "fp32", f"{path} (data_types)")
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{path}: fp16 is not supported (use precision=bf16)")
     return ds
+
+
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    """True when the DeepSpeed config keeps the optimizer state on the CPU (ZeRO-Offload)."""
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)

@@ -21,37 +21,35 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Dense bf16 peak TFLOP/s (without sparsity), matched against torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "GH200": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10G": 70.0,
-    "L4": 121.0,
-    "RTX 4090": 165.0,
-    "RTX 3090": 71.0,
-}
+# Dense bf16 peak TFLOP/s (without sparsity), matched against torch.cuda.get_device_name() as whole
+# words, most specific first ("H100 PCIe" before "H100"; "L4" does not match "L40" or "L40S").
+PEAK_BF16_TFLOPS = (
+    ("GH200", 989.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+    ("H800 PCIe", 756.0), ("H800", 989.0), ("B200", 2250.0), ("B100", 1750.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0),
+    ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+)
+
+
+def peak_tflops_of(name: str) -> float | None:
+    """Peak dense bf16 TFLOP/s of a GPU by its CUDA name, or None when it is not in the table."""
+    for key, value in PEAK_BF16_TFLOPS:
+        if re.search(rf"(?<![\w-]){re.escape(key)}(?![\w])", name):
+            return value
+    return None
 
 
 def peak_tflops(device: torch.device) -> float | None:
     """Peak dense bf16 TFLOP/s of `device`, or None when unknown (CPU, unlisted GPUs)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_tflops_of(torch.cuda.get_device_name(device))
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pretrain import checkpoint, distributed
 from pretrain.config import REPO_ROOT, ConfigError, TrainConfig, save_config
-from pretrain.ds_config import build_ds_config
+from pretrain.ds_config import build_ds_config, offloads_optimizer
 from pretrain.logging import MetricsLogger, memory_stats, peak_tflops
+from pretrain.state import TrainState, seed_everything
 
 EXIT_NONFINITE = 3
 EXIT_SIGTERM = 143
@@ -63,8 +63,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def resolve_precision(config: TrainConfig, device: torch.device) -> str:
+    """'auto' is bf16 on a GPU that has it (compute capability >= 8.0), fp32 elsewhere; bf16 asked
+    for on a GPU without it (V100, T4) is refused rather than emulated at a fraction of the speed."""
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
     if config.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" and bf16_ok else "fp32"
+    if config.precision == "bf16" and not bf16_ok:
+        raise ConfigError(f"precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support; "
+                          "use precision=fp32 (fp16 is not supported)")
     return config.precision
 
 
@@ -135,7 +141,7 @@ def build_model(config: TrainConfig, ds_config: dict, device: torch.device, dtyp
     # Built directly in the training dtype (FlashAttention-2 refuses fp32 weights).
     kwargs = {"dtype": dtype}
     if config.stage != "autoencoder":
-        kwargs["attn_implementation"] = attn_implementation(device)
+        kwargs["attn_implementation"] = attn_implementation(device, dtype)
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     # transformers partitions models built while this object is alive (it holds a weak reference).
     hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
@@ -171,15 +177,29 @@ def dtype_of(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def build_engine(config: TrainConfig, ds_config: dict, device: torch.device, precision: str):
-    """(engine, optimizer, frozen autoencoder or None): the model under DeepSpeed with our AdamW.
+def optimizer_class(ds_config: dict):
+    """torch's AdamW, or DeepSpeed's CPU Adam (in AdamW mode) when the optimizer is offloaded.
 
-    A torch AdamW handed to DeepSpeed compiles no extension ops (DeepSpeed's own Adam would)."""
+    torch's AdamW compiles no extension ops, which is why it is the default; but offloaded, it would
+    run the update on the CPU with plain per-tensor loops, many times slower than DeepSpeed's
+    vectorised CPU Adam (which JIT-compiles once, ~40 s, and needs a C++ compiler).
+    """
+    if offloads_optimizer(ds_config):
+        from functools import partial
+
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return partial(DeepSpeedCPUAdam, adamw_mode=True)
+    return torch.optim.AdamW
+
+
+def build_engine(config: TrainConfig, ds_config: dict, device: torch.device, precision: str):
+    """(engine, optimizer, frozen autoencoder or None): the model under DeepSpeed with AdamW."""
     import deepspeed
 
     model, frozen_ae = build_model(config, ds_config, device, dtype_of(precision))
-    optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=lr_at(config, 0),
-                                  betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps)
+    optimizer = optimizer_class(ds_config)(param_groups(model, config.optim.weight_decay), lr=lr_at(config, 0),
+                                           betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if ds_config["zero_optimization"]["stage"] == 3:
         _register_tied_weights(engine.module)
@@ -201,14 +221,35 @@ def flops_per_token(model_config, stage: str, block_len: int) -> float:
     return float(train_flops_per_token(model_config, stage, context))
 
 
+AUX_METRICS = ("ce", "kl", "accuracy")
+"""Per-micro-batch extras of a model output that are logged beside the loss when present."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced. Tensors stay on the device until they are logged."""
+
+    losses: torch.Tensor
+    """(grad_accum_steps,) this rank's micro-batch losses."""
+    aux: dict[str, torch.Tensor]
+    """name -> (grad_accum_steps,) per-micro-batch means of AUX_METRICS."""
+    finite: bool
+    """Loss finite on every rank and the global gradient norm finite."""
+    applied: bool
+    """The engine updated the weights (it skips a step whose gradient norm is not finite)."""
+    stop_requested: bool
+    """Some rank received SIGTERM."""
+
+
 class Trainer:
-    """One training run: `Trainer(config, world).run(resume)` returns the process exit code."""
+    """One training run: `Trainer(config, world, resume).run()` returns the process exit code."""
 
     def __init__(self, config: TrainConfig, world: distributed.World, resume: bool = False):
         from pretrain.data import ShardLoader
 
         self.config = config
         self.world = world
+        self.resume = resume
         self.loader = ShardLoader(config.data.path, config.data.train_split, config.micro_batch_size,
                                   rank=world.rank, world_size=world.world_size, seed=config.seed, shuffle=True)
         check_compatibility(config, self.loader.manifest)
@@ -234,9 +275,6 @@ class Trainer:
         self.peak = peak_tflops(world.device)
         self._stop_requested = False
 
-    def _forward(self, batch: torch.Tensor):
-        return forward(self.engine, self.config.stage, batch)
-
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
 
@@ -246,119 +284,133 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _save(self, step: int, tokens_seen: int, loader_state: dict, rng: dict) -> Path:
-        return checkpoint.save(self.engine, self.config, self.world, step, tokens_seen, loader_state, rng,
-                               self.logger.run_id if self.world.is_main else None)
+    def _save(self, state: TrainState) -> Path:
+        try:
+            return checkpoint.save(self.engine, self.config, self.world, state)
+        except checkpoint.NonFiniteWeightsError as exc:
+            raise TrainingError(str(exc)) from exc
 
-    def run(self, resume: bool) -> int:
+    def _start(self) -> TrainState:
+        """The state to continue from: the latest checkpoint's, or step 0 with per-rank noise streams."""
+        if self.resume:
+            return checkpoint.load(self.engine, self.config, self.world)
+        # Same weights everywhere (built from `seed`), but per-rank dropout/noise streams.
+        seed_everything(self.config.seed + self.world.rank)
+        return TrainState()
+
+    def run(self) -> int:
         config, world = self.config, self.world
         Path(config.run_dir).mkdir(parents=True, exist_ok=True)
-        step, tokens_seen, run_id = 0, 0, None
-        if resume:
-            state = checkpoint.load(self.engine, config, world)
-            step, tokens_seen, run_id = state["step"], state["tokens_seen"], state["wandb_run_id"]
-            if state["loader"] is not None:
-                self.loader.load_state_dict(state["loader"])
-        else:
-            # Same weights everywhere (built above from `seed`), but per-rank dropout/noise streams.
-            random.seed(config.seed + world.rank)
-            np.random.seed(config.seed + world.rank)
-            torch.manual_seed(config.seed + world.rank)
+        state = self._start()
+        if state.loader is not None:
+            self.loader.load_state_dict(state.loader)
         if world.is_main:
             save_config(config, Path(config.run_dir) / "config.yaml")
-        self.logger = MetricsLogger(config.run_dir, world.is_main, config.wandb, config.to_dict(), run_id)
+        self.logger = MetricsLogger(config.run_dir, world.is_main, config.wandb, config.to_dict(), state.wandb_run_id)
+        state.wandb_run_id = self.logger.run_id if world.is_main else None
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
-            return self._loop(step, tokens_seen)
+            return self.train(state)
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.logger.close()
 
-    def _loop(self, step: int, tokens_seen: int) -> int:
+    def train_step(self, data) -> StepResult:
+        """One optimizer step: forward/backward over `grad_accum_steps` micro-batches, the engine's
+        step (it accumulates, clips and applies at the last one), then one host sync for all ranks'
+        verdicts (finite loss and gradient norm, SIGTERM)."""
+        engine, device = self.engine, self.world.device
+        skipped_before = engine.skipped_steps
+        losses, aux = [], {}
+        for _ in range(self.config.grad_accum_steps):
+            out = forward(engine, self.config.stage, next(data).to(device, non_blocking=True))
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(out.loss.detach().float())
+            for name in AUX_METRICS:
+                value = getattr(out, name, None)
+                if value is not None:
+                    aux.setdefault(name, []).append(value.detach().float().mean())
+            del out  # the output's tensors need not live into the next micro-batch
+        losses = torch.stack(losses)
+        norm = engine.get_global_grad_norm()
+        norm_finite = torch.isfinite(torch.as_tensor(0.0 if norm is None else norm, device=device))
+        flags = torch.stack([~torch.isfinite(losses).all(), ~norm_finite,
+                             torch.tensor(self._stop_requested, device=device)]).float()
+        bad_loss, bad_norm, stop = (v > 0 for v in distributed.all_reduce(flags, op="max").tolist())
+        applied = engine.skipped_steps == skipped_before
+        if bad_norm and applied:
+            # The engine applied a non-finite update (DeepSpeed skips such steps in 0.19.8; this guards
+            # any version or path that does not): the weights are poisoned, so nothing may be saved.
+            raise TrainingError("the engine applied a step with a non-finite gradient norm; the weights "
+                                f"are no longer finite and were not saved ({self.config.run_dir}/checkpoints "
+                                "holds the last good state)")
+        return StepResult(losses, {k: torch.stack(v) for k, v in aux.items()}, not (bad_loss or bad_norm),
+                          applied, stop)
+
+    def train(self, state: TrainState) -> int:
+        """Steps until `max_steps` (or SIGTERM): log, validate and checkpoint on their schedules."""
         from tqdm import tqdm
 
-        config, world, engine = self.config, self.world, self.engine
+        config, world = self.config, self.world
         data = iter(self.loader)
-        progress = tqdm(total=config.max_steps, initial=step, disable=not world.is_main,
+        progress = tqdm(total=config.max_steps, initial=state.step, disable=not world.is_main,
                         desc=config.stage, dynamic_ncols=True)
-        window, aux_sums = self._new_window(), {}
-        engine.train()
-        while step < config.max_steps:
-            loader_state, rng = self.loader.state_dict(), checkpoint.rng_state()
-            lr = self._set_lr(step)
-            step_loss, finite, skipped_before = 0.0, True, engine.skipped_steps
-            for _ in range(config.grad_accum_steps):
-                batch = next(data).to(world.device)
-                out = self._forward(batch)
-                loss = out.loss
-                finite = distributed.all_true(bool(torch.isfinite(loss.detach()).item()), world.device)
-                if not finite and config.nan_policy == "stop":
-                    break
-                engine.backward(loss)
-                engine.step()
-                step_loss += loss.item() / config.grad_accum_steps
-                for name in ("ce", "kl", "accuracy"):
-                    value = getattr(out, name, None)
-                    if value is not None:
-                        aux_sums[name] = aux_sums.get(name, 0.0) + float(value.detach().float().mean())
-            applied = finite and engine.skipped_steps == skipped_before
-            if config.nan_policy == "stop" and not applied:
-                self._save(step, tokens_seen, loader_state, rng)
+        window = Window()
+        self.engine.train()
+        while state.step < config.max_steps:
+            before = state.capture(self.loader)
+            lr = self._set_lr(state.step)
+            result = self.train_step(data)
+            if config.nan_policy == "stop" and not (result.finite and result.applied):
+                self._save(before)
                 raise TrainingError(
-                    f"non-finite {'loss' if not finite else 'gradient norm'} at step {step + 1}; "
-                    f"saved the last good state (after step {step}) to {config.run_dir}/checkpoints. "
-                    "Lower optim.lr, raise warmup, or set nan_policy=skip")
-            step += 1
-            tokens_seen += self.tokens_per_step
-            window["tokens"] += self.tokens_per_step
-            if applied:
-                window["loss"] += step_loss
-                window["steps"] += 1
-            else:
-                window["skipped"] += 1
+                    f"non-finite {'gradient norm' if result.applied else 'loss or gradient norm'} at step "
+                    f"{state.step + 1}; saved the last good state (after step {state.step}) to "
+                    f"{config.run_dir}/checkpoints. Lower optim.lr, raise warmup, or set nan_policy=skip")
+            state.step += 1
+            state.tokens_seen += self.tokens_per_step
+            window.add(result, self.tokens_per_step)
             progress.update(1)
-            logged = step % config.log_every == 0 or step == config.max_steps
-            if logged:
-                record = self._train_record(step, tokens_seen, lr, window, aux_sums)
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-            if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
-                self.validate(step, tokens_seen)
-            stop = distributed.any_true(self._stop_requested, world.device)
-            due = config.save_every and step % config.save_every == 0
-            if stop or due or step == config.max_steps:
-                self._save(step, tokens_seen, self.loader.state_dict(), checkpoint.rng_state())
-            if stop:
+            if self._after_step(state, lr, window, result.stop_requested, progress):
                 progress.close()
-                if world.is_main:
-                    print(f"SIGTERM: saved checkpoint at step {step} in {config.run_dir}/checkpoints; "
-                          "re-run with --resume to continue", flush=True)
                 return EXIT_SIGTERM
-            if logged:
-                # Validation and checkpoint time stay out of the next window's tokens/s.
-                window, aux_sums = self._new_window(), {}
         progress.close()
         return 0
 
-    @staticmethod
-    def _new_window() -> dict[str, Any]:
-        return {"loss": 0.0, "steps": 0, "skipped": 0, "time": time.perf_counter(), "tokens": 0}
+    def _after_step(self, state: TrainState, lr: float, window: "Window", stop: bool, progress) -> bool:
+        """Logging, validation and checkpoints due after `state.step`; True when the run must stop."""
+        config = self.config
+        logged = state.step % config.log_every == 0 or state.step == config.max_steps
+        if logged:
+            record = self._train_record(state, lr, window)
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+        if config.eval_every and (state.step % config.eval_every == 0 or state.step == config.max_steps):
+            self.validate(state.step, state.tokens_seen)
+        due = config.save_every and state.step % config.save_every == 0
+        if stop or due or state.step == config.max_steps:
+            self._save(state.capture(self.loader))
+        if stop and self.world.is_main:
+            print(f"SIGTERM: saved checkpoint at step {state.step} in {config.run_dir}/checkpoints; "
+                  "re-run with --resume to continue", flush=True)
+        if logged:
+            # Validation and checkpoint time stay out of the next window's tokens/s.
+            window.reset()
+        return stop
 
-    def _train_record(self, step, tokens_seen, lr, window, aux_sums) -> dict[str, Any]:
-        elapsed = time.perf_counter() - window["time"]
+    def _train_record(self, state: TrainState, lr: float, window: "Window") -> dict[str, Any]:
+        elapsed = time.perf_counter() - window.start
+        loss, aux = window.means(self.config.grad_accum_steps)
         # Averaged over the window's applied steps and over all ranks.
-        count = max(1, window["steps"])
-        loss = window["loss"] / count if window["steps"] else math.nan
-        aux = [v / (count * self.config.grad_accum_steps) for v in aux_sums.values()]
-        means = torch.tensor([loss] + aux, dtype=torch.float64)
-        torch.distributed.all_reduce(means)
+        means = distributed.all_reduce(torch.tensor([loss, *aux.values()], dtype=torch.float64))
         means = (means / self.world.world_size).tolist()
-        tokens_per_s = window["tokens"] / elapsed
+        tokens_per_s = window.tokens / elapsed
         grad_norm = self.engine.get_global_grad_norm()
-        record = {"split": "train", "step": step, "tokens_seen": tokens_seen, "loss": means[0],
-                  **dict(zip(aux_sums, means[1:])), "lr": lr,
-                  "grad_norm": None if grad_norm is None else float(grad_norm), "skipped_steps": window["skipped"],
-                  "tokens_per_s": tokens_per_s, "step_time_s": elapsed / max(1, window["steps"] + window["skipped"]),
-                  "train_flops": self.flops_per_token * tokens_seen,
+        record = {"split": "train", "step": state.step, "tokens_seen": state.tokens_seen, "loss": means[0],
+                  **dict(zip(aux, means[1:])), "lr": lr,
+                  "grad_norm": None if grad_norm is None else float(grad_norm), "skipped_steps": window.skipped,
+                  "tokens_per_s": tokens_per_s, "step_time_s": elapsed / max(1, window.steps + window.skipped),
+                  "train_flops": self.flops_per_token * state.tokens_seen,
                   "tflops": self.flops_per_token * tokens_per_s / 1e12}
         if self.peak is not None:
             record["mfu"] = record["tflops"] / (self.peak * self.world.world_size)
@@ -374,29 +426,28 @@ class Trainer:
         self.val_loader.load_state_dict(self.val_start)
         plain_ae = self._plain_autoencoder() if config.stage == "autoencoder" else None
         engine.eval()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
             torch.manual_seed(config.seed)
             for _, batch in zip(range(config.eval_batches), self.val_loader):
                 for name, value in self._eval_batch(batch.to(world.device), plain_ae).items():
-                    sums[name] = sums.get(name, 0.0) + value
+                    sums[name] = sums.get(name, 0.0) + value.detach().double()
         engine.train()
         names = sorted(sums)
-        totals = torch.tensor([sums[n] for n in names], dtype=torch.float64)
-        torch.distributed.all_reduce(totals)
+        totals = distributed.all_reduce(torch.stack([sums[n] for n in names]))
         record = {"split": "validation", "step": step, "tokens_seen": tokens_seen,
                   **{n: v / (config.eval_batches * world.world_size) for n, v in zip(names, totals.tolist())}}
         self.logger.log(record)
         return record
 
-    def _eval_batch(self, batch: torch.Tensor, plain_ae) -> dict[str, float]:
+    def _eval_batch(self, batch: torch.Tensor, plain_ae) -> dict[str, torch.Tensor]:
         if plain_ae is not None:
             out = plain_ae(input_ids=batch)
-            return {"loss": float(out.loss), "ce": float(out.ce), "accuracy_mean_latent": float(out.accuracy),
-                    "reconstruction_accuracy": float(plain_ae.reconstruction_accuracy(batch, sample=True))}
-        out = self._forward(batch)
+            return {"loss": out.loss, "ce": out.ce, "accuracy_mean_latent": out.accuracy,
+                    "reconstruction_accuracy": plain_ae.reconstruction_accuracy(batch, sample=True)}
+        out = forward(self.engine, self.config.stage, batch)
         key = "energy_loss" if self.config.stage == "calm" else "ce"
-        return {"loss": float(out.loss), key: float(out.loss)}
+        return {"loss": out.loss, key: out.loss}
 
     def _plain_autoencoder(self):
         """A whole copy of the autoencoder being trained, for reconstruction_accuracy, which is not a
@@ -412,3 +463,40 @@ class Trainer:
         plain = Autoencoder(module.config).to(self.world.device)
         plain.load_state_dict(state)
         return plain.to(self.dtype).eval()
+
+
+class Window:
+    """Training metrics between two log lines, kept as device tensors until they are logged."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.aux: dict[str, list[torch.Tensor]] = {}
+        self.steps = self.skipped = self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, result: StepResult, tokens: int) -> None:
+        self.tokens += tokens
+        if not result.applied:
+            self.skipped += 1
+            return
+        self.steps += 1
+        self.losses.append(result.losses)
+        for name, values in result.aux.items():
+            self.aux.setdefault(name, []).append(values)
+
+    def means(self, accum: int) -> tuple[float, dict[str, float]]:
+        """(mean loss, {name: mean}) over the applied steps; NaN loss when none was applied."""
+        if not self.steps:
+            return math.nan, {name: math.nan for name in self.aux}
+        loss = 0.0
+        for row in torch.stack(self.losses).tolist():
+            # Summed in this order, in Python floats, so logged losses stay bit-identical across refactors.
+            step_loss = 0.0
+            for value in row:
+                step_loss += value / accum
+            loss += step_loss
+        aux = {name: float(torch.stack(v).double().sum()) / (self.steps * accum) for name, v in self.aux.items()}
+        return loss / self.steps, aux

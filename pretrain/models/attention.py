@@ -22,13 +22,30 @@ def flash_attn_importable() -> bool:
     return True
 
 
-def attn_implementation(device: str | torch.device | None = None) -> str:
-    """'flash_attention_2' when the model will run on CUDA and flash-attn imports, else 'sdpa'.
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
+FLASH_MIN_CAPABILITY = (8, 0)
+"""FlashAttention-2 runs on Ampere (8.0) and newer, in bf16/fp16 only; V100 (7.0) and T4 (7.5) lack it."""
 
-    `device` defaults to CUDA when one is visible, else CPU.
+
+def choose_attention(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None,
+                     flash_available: bool) -> str:
+    """The attention kernel for a model running on `device_type` in `dtype` (a pure function).
+
+    'flash_attention_2' only on CUDA, for bf16/fp16, at compute capability >= 8.0, with flash-attn
+    importable; 'sdpa' otherwise (PyTorch picks its own flash/memory-efficient/math backend inside).
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(device).type == "cuda" and flash_attn_importable():
+    if (device_type == "cuda" and flash_available and dtype in FLASH_DTYPES
+            and capability is not None and tuple(capability) >= FLASH_MIN_CAPABILITY):
         return "flash_attention_2"
     return "sdpa"
+
+
+def attn_implementation(device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> str:
+    """`choose_attention` for a real device: CUDA when one is visible and `device` is None, else CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "sdpa"
+    capability = torch.cuda.get_device_capability(device)
+    return choose_attention("cuda", dtype, capability, flash_attn_importable())

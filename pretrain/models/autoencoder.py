@@ -1,6 +1,6 @@
 """Stage 1 of CALM: the context-free autoencoder that maps K tokens to one latent vector and back.
 
-Layout and parameter names follow the authors' released CALM-Autoencoder (calm.md §2, §8), so their
+Layout and parameter names follow the authors' released CALM-Autoencoder (docs/method.md §2, §8), so their
 checkpoints load as-is. The decoder's output matrix *is* `encoder.embed_tokens.weight` (one tensor,
 used twice), so there is nothing to re-tie on load and safetensors exports round-trip exactly.
 
@@ -193,7 +193,10 @@ class Autoencoder(PreTrainedModel):
         loss = config.patch_size * ce + config.kl_weight * kl if self.training else ce
         with torch.no_grad():
             accuracy = (logits.argmax(-1) == input_ids).float().mean()
-        return AutoencoderOutput(loss=loss, logits=logits, ce=ce.detach(), kl=kl.detach(), accuracy=accuracy)
+        # In training the (tokens x vocabulary) logits are not handed out: an output holding them would
+        # keep them alive through backward, which needs only the loss's own saved tensors.
+        return AutoencoderOutput(loss=loss, logits=None if self.training else logits, ce=ce.detach(),
+                                 kl=kl.detach(), accuracy=accuracy)
 
     @torch.no_grad()
     def reconstruct(self, input_ids: torch.LongTensor, sample: bool = True, noise_std: float = 0.0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The discrete baseline: a plain transformers `LlamaForCausalLM` trained with cross-entropy (calm.md §4).
+"""The discrete baseline: a plain transformers `LlamaForCausalLM` trained with cross-entropy (docs/method.md §4).
 
 Only the config is ours: `baseline_config(**overrides)` gives the Llama-style defaults the paper's
 baselines share (untied input/output embeddings, no biases, RMSNorm eps 1e-6, Llama 3 vocabulary).

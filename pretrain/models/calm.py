@@ -1,4 +1,4 @@
-"""Stage 2 of CALM: a Llama backbone that predicts the next chunk's latent vector (calm.md §3, §8).
+"""Stage 2 of CALM: a Llama backbone that predicts the next chunk's latent vector (docs/method.md §3, §8).
 
 Input side: the previous chunk's K tokens, embedded with the backbone's own table and compressed by
 `embed_proj` into one vector per step. Output side: the energy head (`mlp_generator`) samples latent
@@ -136,9 +136,12 @@ class CALM(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs) -> "CALM":
         """`PreTrainedModel.from_pretrained`; accepts `ae_path=` to relocate the autoencoder's config.
 
-        Loading swaps in fresh parameters (requires_grad=True), so the autoencoder is frozen again here.
+        Loading swaps in fresh parameters (requires_grad=True), so the autoencoder is frozen again here,
+        and it is kept in float32 whatever `dtype` the backbone is loaded in: its decoder turns latents
+        into tokens by argmax, and logits rounded to bf16 would tie (it is small next to the backbone).
         """
         model = super().from_pretrained(*args, **kwargs)
+        model.ae_model.float()
         model.ae_model.requires_grad_(False)
         model.ae_model.eval()
         return model
@@ -202,10 +205,12 @@ class CALM(PreTrainedModel):
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.LongTensor:
-        """Latents (..., T, l) -> greedy token ids (..., T*K) through the frozen autoencoder's decoder."""
+        """Latents (..., T, l) -> greedy token ids (..., T*K) through the frozen autoencoder's decoder,
+        in float32 (without autocast) so that near-equal logits are not tied by bf16 rounding."""
         lead = latents.shape[:-2]
-        flat = latents.reshape(-1, *latents.shape[-2:]).to(self.ae_model.dtype)
-        tokens = self.ae_model.decode(flat).argmax(-1)
+        flat = latents.reshape(-1, *latents.shape[-2:]).float()
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            tokens = self.ae_model.float().decode(flat).argmax(-1)
         return tokens.reshape(*lead, tokens.shape[-1])
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""CALM's one-step generative head (`MLPGenerator`) and the energy loss that trains it (calm.md §3).
+"""CALM's one-step generative head (`MLPGenerator`) and the energy loss that trains it (docs/method.md §3).
 
 The head turns uniform noise into a latent vector, conditioned on the backbone's hidden state, in a
 single pass. It is trained with the energy score, a strictly proper scoring rule that needs only

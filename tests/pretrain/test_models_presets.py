@@ -66,13 +66,32 @@ def test_baseline_is_plain_llama_with_untied_embeddings():
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
 
 
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.mark.parametrize("device, dtype, capability, flash, expected", [
+    ("cpu", BF16, None, True, "sdpa"),
+    ("cpu", FP32, None, False, "sdpa"),
+    ("cuda", BF16, (8, 0), True, "flash_attention_2"),    # A100
+    ("cuda", FP16, (9, 0), True, "flash_attention_2"),    # H100/H200
+    ("cuda", BF16, (8, 9), False, "sdpa"),                # flash-attn not installed
+    ("cuda", FP32, (9, 0), True, "sdpa"),                 # FA2 refuses fp32
+    ("cuda", FP16, (7, 0), True, "sdpa"),                 # V100
+    ("cuda", FP16, (7, 5), True, "sdpa"),                 # T4
+])
+def test_attention_choice_table(device, dtype, capability, flash, expected):
+    assert attention.choose_attention(device, dtype, capability, flash) == expected
+
+
 def test_attention_is_chosen_in_one_place(monkeypatch):
     assert attn_implementation("cpu") == "sdpa"
+    assert attn_implementation("cpu", torch.bfloat16) == "sdpa"
     monkeypatch.setattr(attention, "flash_attn_importable", lambda: True)
-    assert attn_implementation("cuda") == "flash_attention_2"
-    assert attn_implementation("cpu") == "sdpa"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert attn_implementation("cuda", torch.bfloat16) == "flash_attention_2"
+    assert attn_implementation("cuda", torch.float32) == "sdpa"
     monkeypatch.setattr(attention, "flash_attn_importable", lambda: False)
-    assert attn_implementation("cuda:0") == "sdpa"
+    assert attn_implementation("cuda:0", torch.bfloat16) == "sdpa"
     model = build_model("baseline", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, vocab_size=40), device="cpu")
     assert model.config._attn_implementation == "sdpa"

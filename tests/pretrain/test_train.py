@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain.config import ConfigError, load_config
 from pretrain.ds_config import build_ds_config
@@ -64,6 +65,9 @@ def test_zero3_world1_equals_plain_pytorch_and_nan_policies(tiny_data_dir, tmp_p
     proc = _run([sys.executable, str(WORKER), "plain", str(tiny_data_dir), str(tmp_path)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "plain ok" in proc.stdout
+    proc = _run([sys.executable, str(WORKER), "nonfinite", str(tiny_data_dir), str(tmp_path / "nonfinite")])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "nonfinite ok" in proc.stdout
 
 
 def _train_cmd(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -177,6 +181,56 @@ def test_ds_config_gets_batch_sizes_from_the_training_config(tiny_data_dir, tmp_
     config.ds_config = str(tmp_path / "fixed.json")
     with pytest.raises(ConfigError, match="train_batch_size=64 disagrees"):
         build_ds_config(config, 4, "fp32", REPO)
+
+
+def test_bf16_accumulates_gradients_in_fp32_and_offload_uses_deepspeeds_cpu_adam(tiny_data_dir, tmp_path):
+    from functools import partial
+
+    from pretrain.train import optimizer_class
+
+    config = _config(tmp_path, tiny_data_dir, "baseline", "grad_accum_steps=8")
+    for name in ("zero2.json", "zero3.json", "zero3_offload.json", "zero3_universal.json"):
+        config.ds_config = f"ds_configs/{name}"
+        assert build_ds_config(config, 2, "bf16", REPO)["data_types"] == {"grad_accum_dtype": "fp32"}, name
+        assert "data_types" not in build_ds_config(config, 2, "fp32", REPO), name
+    assert optimizer_class(build_ds_config(config, 2, "bf16", REPO)) is torch.optim.AdamW  # universal: no offload
+    config.ds_config = "ds_configs/zero3_offload.json"
+    cpu_adam = optimizer_class(build_ds_config(config, 2, "bf16", REPO))
+    assert isinstance(cpu_adam, partial) and cpu_adam.func.__name__ == "DeepSpeedCPUAdam"
+    assert cpu_adam.keywords == {"adamw_mode": True}
+    template = json.loads((REPO / "ds_configs" / "zero3.json").read_text()) | {"data_types": {"grad_accum_dtype": "bf16"}}
+    (tmp_path / "bf16_accum.json").write_text(json.dumps(template))
+    config.ds_config = str(tmp_path / "bf16_accum.json")
+    with pytest.raises(ConfigError, match="grad_accum_dtype='bf16' disagrees"):
+        build_ds_config(config, 2, "bf16", REPO)
+
+
+def test_precision_bf16_only_where_the_gpu_has_it(tiny_data_dir, tmp_path, monkeypatch):
+    from pretrain.train import resolve_precision
+
+    auto = _config(tmp_path, tiny_data_dir, "baseline")
+    bf16 = _config(tmp_path, tiny_data_dir, "baseline", "precision=bf16")
+    assert resolve_precision(auto, torch.device("cpu")) == "fp32"
+    assert resolve_precision(bf16, torch.device("cpu")) == "bf16"  # CPU autocast/AMX
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert resolve_precision(auto, gpu) == "fp32"
+    with pytest.raises(ConfigError, match="V100.*no bf16 support"):
+        resolve_precision(bf16, gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision(auto, gpu) == "bf16"
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0), ("NVIDIA H800", 989.0),
+    ("NVIDIA GH200 480GB", 989.0), ("NVIDIA B200", 2250.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0), ("Tesla V100-SXM2-16GB", None),
+])
+def test_mfu_peak_table_matches_whole_names(name, peak):
+    from pretrain.logging import peak_tflops_of
+
+    assert peak_tflops_of(name) == peak
 
 
 def test_learning_rate_schedule(tiny_data_dir, tmp_path):

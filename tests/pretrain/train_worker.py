@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pretrain import distributed  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
+from pretrain.state import TrainState  # noqa: E402
 
 TINY = {
     "autoencoder": ["model.hidden_size=32", "model.intermediate_size=64", "model.latent_size=16"],
@@ -96,7 +97,7 @@ def case_stages(data_dir: str, out: Path) -> None:
             model, _ = build_model(config, trainer.ds_config, world.device, torch.float32)
             assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters())
             del model
-        assert trainer.run(resume=False) == 0
+        assert trainer.run() == 0
         if world.is_main:
             losses = train_losses(run_dir)
             assert len(losses) == config.max_steps
@@ -152,7 +153,7 @@ def case_plain(data_dir: str, out: Path) -> None:
         optimizer.step()
         optimizer.zero_grad()
         expected.append(loss.item())
-    assert trainer.run(resume=False) == 0
+    assert trainer.run() == 0
     got = train_losses(out / "zero")
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-6, atol=0)
     trainer.engine.destroy()
@@ -165,22 +166,82 @@ def case_plain(data_dir: str, out: Path) -> None:
         trainer = Trainer(config, world)
         if policy == "stop":
             try:
-                trainer.run(resume=False)
+                trainer.run()
             except TrainingError as exc:
                 assert "non-finite" in str(exc) and "at step 2" in str(exc), exc
             else:
                 raise AssertionError("a NaN loss did not stop training")
             assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000001"
         else:
-            assert trainer.run(resume=False) == 0
+            assert trainer.run() == 0
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             assert sum(r.get("skipped_steps", 0) for r in records) >= 1, records
         trainer.engine.destroy()
     print("plain ok", flush=True)
 
 
+def case_nonfinite(data_dir: str, out: Path) -> None:
+    """bf16 on ZeRO-3 (fp32 gradient accumulation): a step whose gradients are NaN is refused, and no
+    checkpoint written afterwards holds a non-finite value; weights that are not finite are never saved."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    import pretrain.train as train
+    from pretrain.train import Trainer, TrainingError
+
+    world = distributed.init()
+    write_ds_config(out)
+    real_forward, calls = train.forward, {"n": 0}
+
+    def poisoned_forward(engine, stage, batch):  # NaN loss on the 2nd micro-batch of step 3
+        out = real_forward(engine, stage, batch)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            out.loss = out.loss * float("nan")
+        return out
+
+    train.forward = poisoned_forward
+    for policy in ("skip", "stop"):
+        calls["n"] = 0
+        run_dir = out / f"bf16_{policy}"
+        config = tiny_config("baseline", data_dir, run_dir, "max_steps=5", "precision=bf16", "grad_accum_steps=2",
+                             f"nan_policy={policy}")
+        trainer = Trainer(config, world)
+        assert trainer.ds_config["data_types"]["grad_accum_dtype"] == "fp32"
+        assert trainer.engine.optimizer.gradient_accumulation_dtype == torch.float32
+        if policy == "skip":
+            assert trainer.run() == 0
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            assert [r["skipped_steps"] for r in records] == [0, 0, 1, 0, 0], records
+        else:
+            try:
+                trainer.run()
+            except TrainingError as exc:
+                assert "at step 3" in str(exc), exc
+            else:
+                raise AssertionError("a NaN step did not stop training")
+        tag = (run_dir / "checkpoints" / "latest").read_text()
+        assert tag == ("step_00000005" if policy == "skip" else "step_00000002"), tag
+        state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+        assert all(torch.isfinite(t).all() for t in state.values()), "a saved checkpoint holds NaN/Inf"
+        if policy == "skip":
+            # Weights that are no longer finite are refused at save time; the earlier checkpoint stays latest.
+            param = next(iter(trainer.engine.module.parameters()))
+            param.ds_tensor.data.fill_(float("nan"))
+            try:
+                trainer._save(TrainState(step=6, rng={}))
+            except TrainingError as exc:
+                assert "NaN/Inf" in str(exc), exc
+            else:
+                raise AssertionError("non-finite weights were saved")
+            assert not (run_dir / "checkpoints" / "step_00000006").exists()
+            assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000005"
+        trainer.engine.destroy()
+    train.forward = real_forward
+    print("nonfinite ok", flush=True)
+
+
 if __name__ == "__main__":
     case, data, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     out_dir.mkdir(parents=True, exist_ok=True)
-    {"stages": case_stages, "plain": case_plain}[case](data, out_dir)
+    {"stages": case_stages, "plain": case_plain, "nonfinite": case_nonfinite}[case](data, out_dir)
     distributed.shutdown()
