@@ -80,7 +80,7 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         from evaluation.documents import read_documents, tokenize_documents
-        from pretrain.models import load_model
+        from pretrain.stages import load_model
 
         model = load_model("baseline", args.model).eval()
         ids = tokenize_documents(AutoTokenizer.from_pretrained(args.model), read_documents(args.data)[:1])[0]

@@ -35,8 +35,8 @@ import time
 
 import torch
 
-from evaluation.generate import baseline_generate, calm_generate
-from pretrain.models import build_model
+from evaluation.generation import baseline_generate, calm_generate
+from pretrain.stages import build_model
 
 BACKBONE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-6)

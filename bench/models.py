@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluation.flops import train_flops_per_token  # noqa: E402
-from pretrain.models import build_model, energy_loss  # noqa: E402
+from pretrain.models import energy_loss
+from pretrain.models.flops import train_flops_per_token  # noqa: E402
+from pretrain.stages import build_model  # noqa: E402
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:

@@ -13,7 +13,7 @@ optimizer steps on random token blocks of the preset's vocabulary (throughput do
 the text). CALM needs an autoencoder: a randomly initialised one of --ae-preset's shape is exported
 to a temporary directory (its weights do not change the cost). FLOPs per token come from
 evaluation.flops (docs/method.md §7); MFU divides achieved FLOP/s by the device's peak bf16 FLOP/s
-(pretrain.logging.PEAK_BF16_TFLOPS) and is printed only on a known GPU.
+(pretrain.metrics.PEAK_BF16_TFLOPS) and is printed only on a known GPU.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import torch
 from pretrain import distributed
 from pretrain.config import REPO_ROOT, load_config
 from pretrain.ds_config import build_ds_config
-from pretrain.logging import memory_stats, peak_tflops
-from pretrain.train import build_engine, flops_per_token, forward, resolve_precision
+from pretrain.metrics import memory_stats, peak_tflops
+from pretrain.stages import get_stage
+from pretrain.train import build_engine, forward, resolve_precision
 
 
 def _random_autoencoder(ae_preset: str, calm_model: dict, out: Path, world) -> str:
@@ -56,7 +57,9 @@ def bench_preset(preset: str, block_len: int, args, world, scratch: Path) -> dic
                                              config.model, scratch / f"ae-{preset}", world)
     precision = resolve_precision(config, world.device)
     ds_config = build_ds_config(config, world.world_size, precision, REPO_ROOT)
-    engine, _, _ = build_engine(config, ds_config, world.device, precision)
+    stage = get_stage(config.stage)
+    engine, _ = build_engine(config, stage.build_config(config.model, config.ae_path), ds_config, world.device,
+                             precision)
     vocab = engine.module.config.vocab_size
     generator = torch.Generator().manual_seed(world.rank)
     batches = [torch.randint(vocab, (config.micro_batch_size, block_len), generator=generator).to(world.device)
@@ -79,7 +82,7 @@ def bench_preset(preset: str, block_len: int, args, world, scratch: Path) -> dic
     distributed.barrier()
     elapsed = time.perf_counter() - start
     tokens = args.steps * engine.train_batch_size() * block_len
-    per_token = flops_per_token(engine.module.config, config.stage, block_len)
+    per_token = stage.train_flops_per_token(engine.module.config, block_len)
     tokens_per_s = tokens / elapsed
     tflops = per_token * tokens_per_s / 1e12
     peak = peak_tflops(world.device)

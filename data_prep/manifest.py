@@ -1,8 +1,8 @@
 """manifest.json: the one description of a prepared data directory, read by the loader and training.
 
-`read_manifest` checks the keys the rest of the pipeline relies on; `check_compatible` is what
-training calls to refuse a model whose patch size K does not divide the block length or whose
-vocabulary is smaller than the tokenizer's.
+`read_manifest` checks the keys the rest of the pipeline relies on; `check_compatible` is the one
+rule, used by training and evaluation, that refuses a model whose vocabulary is not the tokenizer's,
+whose patch size K does not divide the block length, or that was trained on another tokenizer.
 """
 
 from __future__ import annotations
@@ -36,16 +36,34 @@ def read_manifest(data_dir) -> dict:
     return manifest
 
 
-def check_compatible(manifest: dict, patch_size: int | None = None, vocab_size: int | None = None) -> None:
-    """Raises ManifestError when the shards cannot feed a model with this patch size / vocabulary."""
+def check_vocab(tokenizer_vocab: int, vocab_size: int, tokenizer: str, model: str) -> None:
+    """A model reads and writes exactly its tokenizer's ids: the two vocabulary sizes must be equal.
+
+    (A larger model vocabulary would train rows no token ever uses and sample ids that decode to
+    nothing; a smaller one cannot embed the tokenizer's last ids.)"""
+    if vocab_size != tokenizer_vocab:
+        raise ManifestError(f"{model} has vocab_size {vocab_size} but the tokenizer {tokenizer} has {tokenizer_vocab} "
+                            f"tokens: they were not made for each other (set model.vocab_size={tokenizer_vocab}, "
+                            "or use the data/tokenizer the model was trained with)")
+
+
+def check_compatible(manifest: dict, vocab_size: int | None = None, patch_size: int | None = None,
+                     tokenizer_sha256: str | None = None, model: str = "the model") -> None:
+    """The one compatibility rule between prepared shards and a model, for training and evaluation alike.
+
+    Raises ManifestError unless: the vocabularies are equal (`check_vocab`), K divides the block
+    length, and (where the model records the tokenizer it was trained on) the shards were made with
+    that same tokenizer file."""
+    tok = manifest["tokenizer"]
+    if vocab_size is not None:
+        check_vocab(tok["vocab_size"], vocab_size, f"{tok['name']!r} of these shards", model)
     block_len = manifest["block_len"]
     if patch_size is not None and (patch_size <= 0 or block_len % patch_size):
-        raise ManifestError(f"block_len {block_len} of the data is not a multiple of patch_size K={patch_size}; "
+        raise ManifestError(f"block_len {block_len} of the data is not a multiple of {model}'s patch size K={patch_size}; "
                             f"re-run data_prep with --block-len a multiple of {patch_size}")
-    tok_vocab = manifest["tokenizer"]["vocab_size"]
-    if vocab_size is not None and vocab_size < tok_vocab:
-        raise ManifestError(f"model vocab_size {vocab_size} is smaller than the tokenizer's {tok_vocab} "
-                            f"({manifest['tokenizer']['name']}); set model.vocab_size >= {tok_vocab}")
+    if tokenizer_sha256 is not None and tokenizer_sha256 != tok["sha256"]:
+        raise ManifestError(f"{model} was trained on shards of another tokenizer (sha256 {tokenizer_sha256[:12]}…) than "
+                            f"these ({tok['sha256'][:12]}…)")
 
 
 def write_manifest(output: Path, manifest: dict) -> None:

@@ -23,7 +23,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from data_prep import shards, sources, tokenizer as toks
+from data_prep import shards, sources
+from data_prep import tokenizer as toks
 from data_prep.manifest import FORMAT, write_manifest
 from data_prep.sources import BadInput, DataError, SourceOptions
 
@@ -167,11 +168,31 @@ def _pool(workers: int):
 
 
 def run(cfg: PrepConfig, argv: list[str]) -> dict:
+    """The whole run (module docstring): shards, manifest.json and a summary on stderr; returns the manifest."""
     cfg.validate()
     bad = BadInput(fail_fast=cfg.fail_fast)
     resolved = sources.resolve_inputs(cfg.inputs, bad)
     if not resolved:
         raise DataError(f"no usable input among {cfg.inputs}")
+    tok_entry = _start_or_resume(cfg, resolved)
+    spec = _pack_spec(cfg, tok_entry)
+    per_source = [0] * len(resolved)
+    records, skipped = _write_chunks(cfg, spec, documents(resolved, cfg, bad, per_source))
+    if not records:
+        raise DataError(f"no documents in {cfg.inputs} (bad input: {bad.summary()['counts']})")
+    if skipped:
+        print(f"[data_prep] resumed: {skipped} finished chunk(s) reused", file=sys.stderr)
+
+    manifest = _manifest(cfg, argv, resolved, per_source, tok_entry, spec.dtype,
+                         [records[c] for c in sorted(records)], bad)
+    write_manifest(cfg.output, manifest)
+    _print_summary(cfg, manifest)
+    return manifest
+
+
+def _start_or_resume(cfg: PrepConfig, resolved: list[dict]) -> dict:
+    """Lays out the output and settles the tokenizer (an interrupted run's if it can be resumed), then
+    records the settings for the next resume; returns the tokenizer's entry."""
     settings = _settings(cfg, resolved)
     previous = _prepare_output(cfg, settings)
     tok_entry = _tokenizer(cfg, resolved, previous)
@@ -182,15 +203,25 @@ def run(cfg: PrepConfig, argv: list[str]) -> dict:
     shards.write_atomic(cfg.output / ".parts" / "settings.json", json.dumps(
         {"settings": settings, "tokenizer_sha256": tok_entry["sha256"], "tokenizer_name": tok_entry["name"]},
         indent=2).encode())
+    return tok_entry
 
+
+def _pack_spec(cfg: PrepConfig, tok_entry: dict) -> shards.PackSpec:
+    """What the workers need to pack documents into shards; token ids are stored in 16 bits when they fit."""
     dtype = "uint16" if tok_entry["vocab_size"] <= 1 << 16 else "uint32"
     spec = shards.PackSpec(output=str(cfg.output), tokenizer_file=str(cfg.output / "tokenizer" / "tokenizer.json"),
                            eos_token_id=tok_entry["eos_token_id"], block_len=cfg.block_len, dtype=dtype,
                            seed=cfg.seed, val_fraction=cfg.val_fraction)
     if not Path(spec.tokenizer_file).exists():
         raise DataError(f"{spec.tokenizer_file} missing: the tokenizer could not be saved in fast (tokenizer.json) form")
+    return spec
+
+
+def _write_chunks(cfg: PrepConfig, spec: shards.PackSpec,
+                  docs_in_order: Iterator[tuple[int, str]]) -> tuple[dict[int, dict], int]:
+    """Turns each chunk of documents into its shards (in the worker pool, or here with one worker),
+    reusing the chunks an interrupted run finished; returns ({chunk: record}, chunks reused)."""
     workers = cfg.workers or len(os.sched_getaffinity(0))
-    per_source = [0] * len(resolved)
     records, skipped, tokens_done = {}, 0, 0
     bar = tqdm(unit="doc", desc="data_prep", disable=not cfg.progress, file=sys.stderr)
     pool = _pool(workers)
@@ -206,7 +237,7 @@ def run(cfg: PrepConfig, argv: list[str]) -> dict:
         bar.set_postfix(tokens=tokens_done)
 
     try:
-        for chunk, docs in enumerate(chunked(documents(resolved, cfg, bad, per_source), int(cfg.shard_mb * 1e6))):
+        for chunk, docs in enumerate(chunked(docs_in_order, int(cfg.shard_mb * 1e6))):
             done = _finished(cfg, chunk)
             if done is not None:
                 records[chunk] = done
@@ -215,6 +246,7 @@ def run(cfg: PrepConfig, argv: list[str]) -> dict:
             elif pool is None:
                 collect(shards.process_chunk(spec, chunk, docs))
             else:
+                # at most two chunks per worker in flight: memory stays bounded on any corpus size
                 pending.append(pool.apply_async(shards.process_chunk, (spec, chunk, docs)))
                 while len(pending) >= 2 * workers:
                     collect(pending.popleft().get())
@@ -224,15 +256,7 @@ def run(cfg: PrepConfig, argv: list[str]) -> dict:
         bar.close()
         if pool is not None:
             pool.terminate()
-    if not records:
-        raise DataError(f"no documents in {cfg.inputs} (bad input: {bad.summary()['counts']})")
-    if skipped:
-        print(f"[data_prep] resumed: {skipped} finished chunk(s) reused", file=sys.stderr)
-
-    manifest = _manifest(cfg, argv, resolved, per_source, tok_entry, dtype, [records[c] for c in sorted(records)], bad)
-    write_manifest(cfg.output, manifest)
-    _print_summary(cfg, manifest)
-    return manifest
+    return records, skipped
 
 
 def _manifest(cfg, argv, resolved, per_source, tok_entry, dtype, records, bad) -> dict:

@@ -1,7 +1,7 @@
 """Evaluate exported models on documents or shards: BrierLM (CALM, baseline), AE fidelity (autoencoder).
 
     python -m evaluation --model runs/baseline-tiny runs/calm-tiny runs/ae-tiny \\
-        --data ../shared/data/wikitext103_test_documents.jsonl
+        --data wikitext103_test.jsonl       # WikiText-103 test documents, JSONL of {"text": ...}
     python -m evaluation --model runs/calm-tiny --data data/quickstart --split validation --max-blocks 8 \\
         --gen-tokens 64 --gen-batch 4          # also time sampling (the report's gen tokens/s)
     torchrun --nproc_per_node 8 -m evaluation --model runs/calm-m --data wiki.jsonl         # one node
@@ -24,21 +24,23 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from data_prep.manifest import check_compatible, check_vocab, read_manifest
 from evaluation import documents as docs
 from evaluation.brier_stats import BrierAccumulator
 from evaluation.brierlm import baseline_brier_batched
 from evaluation.calm_brier import CALMSampler, calm_brier
 from evaluation.reconstruction import DEFAULT_NOISE_STDS, reconstruction_eval
 from evaluation.results import SCHEMA, write_result
+from pretrain import distributed
+from pretrain.models.flops import train_flops_per_token
+from pretrain.stages import get_stage, load_model, stage_of_model_type
 
-STAGE_OF_MODEL_TYPE = {"llama": "baseline", "energy": "calm", "autoencoder": "autoencoder"}
 PAPER_STEPS = 2048
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -81,20 +83,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); joins the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(device_arg) if device_arg else torch.device(f"cuda:{local}" if cuda else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def resolve_model_dir(path: str) -> tuple[Path, Path | None, str]:
     """(export dir, run dir or None, stage) for a run or export directory."""
     root = Path(path)
@@ -106,17 +94,18 @@ def resolve_model_dir(path: str) -> tuple[Path, Path | None, str]:
     else:
         raise FileNotFoundError(f"{root}: neither an exported model (config.json) nor a run directory with export/")
     model_type = json.loads((export / "config.json").read_text()).get("model_type")
-    if model_type not in STAGE_OF_MODEL_TYPE:
-        raise ValueError(f"{export}/config.json: model_type {model_type!r} is not one of {sorted(STAGE_OF_MODEL_TYPE)}")
-    return export, run_dir, STAGE_OF_MODEL_TYPE[model_type]
+    try:
+        return export, run_dir, stage_of_model_type(model_type).name
+    except ValueError as exc:
+        raise ValueError(f"{export}/config.json: {exc}") from exc
 
 
-def tokenizer_dir(args, export: Path) -> Path:
-    candidates = [Path(args.tokenizer)] if args.tokenizer else [export, export / "tokenizer"]
-    for directory in candidates:
-        if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
-            return directory
-    raise FileNotFoundError(f"no tokenizer in {' or '.join(map(str, candidates))}; pass --tokenizer DIR")
+def _training_tokenizer_sha(export: Path) -> str | None:
+    """sha256 of the tokenizer whose shards the model was trained on, when its export records it."""
+    record = export / "training.json"
+    if not record.is_file():
+        return None
+    return (json.loads(record.read_text()).get("data_tokenizer") or {}).get("sha256")
 
 
 def load_blocks(args, export: Path, stage: str, k: int, context: int, vocab: int) -> tuple[list[torch.Tensor], dict]:
@@ -124,20 +113,17 @@ def load_blocks(args, export: Path, stage: str, k: int, context: int, vocab: int
     multiple = k if stage != "baseline" else 1
     info = {"source": str(data), "context": context, "max_blocks": args.max_blocks}
     if data.is_dir():
-        from pretrain.data import read_manifest
-
-        data_vocab = read_manifest(data)["tokenizer"]["vocab_size"]
-        if data_vocab > vocab:
-            raise ValueError(f"{data}: tokenizer vocabulary {data_vocab} exceeds the model's vocab_size {vocab} "
-                             f"({export}); these shards were not made for this model")
+        check_compatible(read_manifest(data), vocab_size=vocab, tokenizer_sha256=_training_tokenizer_sha(export),
+                         model=f"the model at {export}")
         blocks = docs.shard_blocks(data, args.split, context, multiple)
         info.update(kind="shards", split=args.split, documents=None)
     else:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(args, export)))
-        if len(tokenizer) > vocab:
-            raise ValueError(f"tokenizer of {len(tokenizer)} tokens does not fit the model's vocab_size {vocab} ({export})")
+        from evaluation.export_dir import find_tokenizer_dir
+
+        tokenizer = AutoTokenizer.from_pretrained(str(find_tokenizer_dir(export, args.tokenizer, look_above=False)))
+        check_vocab(len(tokenizer), vocab, str(tokenizer.name_or_path), f"the model at {export}")
         texts = docs.read_documents(data, args.text_key)
         blocks = docs.split_blocks(docs.tokenize_documents(tokenizer, texts), context, multiple)
         info.update(kind="documents", split=None, documents=len(texts))
@@ -148,25 +134,20 @@ def load_blocks(args, export: Path, stage: str, k: int, context: int, vocab: int
 
 
 def model_info(model, export: Path, run_dir: Path | None, stage: str, context_steps: int) -> dict:
-    from evaluation.flops import inference_flops_per_token, param_count, train_flops_per_token
-
-    config = model.config
+    spec, config = get_stage(stage), model.config
     return {
         "name": (run_dir or export).name, "path": str(export), "run_dir": str(run_dir) if run_dir else None,
         "stage": stage, "patch_size": getattr(config, "patch_size", 1),
-        "params": int(param_count(config, stage)),
-        "inference_flops_per_token": float(inference_flops_per_token(config, stage)),
+        "params": spec.param_count(config),
+        "inference_flops_per_token": spec.inference_flops_per_token(config),
         "train_flops_per_token": float(train_flops_per_token(config, stage, context_steps)),
     }
 
 
 def _sum_over_ranks(value: float) -> float:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return float(t.item())
-    return value
+    from pretrain.distributed import all_reduce
+
+    return float(all_reduce(torch.tensor([value], dtype=torch.float64)).item())
 
 
 GEN_PROMPT_TOKENS = 32
@@ -176,7 +157,7 @@ def measure_generation(model, stage: str, blocks: list[torch.Tensor], args) -> d
     """Sampling speed: `--gen-tokens` new tokens after the first 32 tokens of each of the first
     `--gen-batch` blocks, at `--gen-temperature` (CALM: exact sampler; baseline: transformers' generate),
     timed on a second identical call."""
-    from evaluation.generate import baseline_generate, calm_generate
+    from evaluation.generation import baseline_generate, calm_generate
 
     prompts = [b[:GEN_PROMPT_TOKENS].tolist() for b in blocks[: args.gen_batch]]
     if len(prompts) < args.gen_batch:
@@ -196,8 +177,6 @@ def measure_generation(model, stage: str, blocks: list[torch.Tensor], args) -> d
 
 
 def evaluate_model(args, path: str, rank: int, world: int, device: torch.device) -> tuple[dict, Path]:
-    from pretrain.models import load_model
-
     export, run_dir, stage = resolve_model_dir(path)
     model = load_model(stage, str(export), dtype=DTYPES[args.dtype]).to(device).eval()
     k = getattr(model.config, "patch_size", 1) if stage != "baseline" else 1
@@ -246,23 +225,23 @@ def evaluate_model(args, path: str, rank: int, world: int, device: torch.device)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    rank, world, device = init_distributed(args.device)
-    for path in args.model:
-        try:
-            result, out_path = evaluate_model(args, path, rank, world, device)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        if rank == 0:
-            write_result(out_path, result)
-            line = result["brierlm"] or result["reconstruction"]
-            print(f"{result['model']['name']}: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in line.items() if isinstance(v, float)) + f" -> {out_path}", flush=True)
-    if torch.distributed.is_initialized():
-        # Rank 0 is still writing when the others finish; tearing gloo down under it aborted runs
-        # ("terminate called without an active exception") about once in five.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    world = distributed.init(device=args.device, deepspeed=False)
+    try:
+        for path in args.model:
+            try:
+                result, out_path = evaluate_model(args, path, world.rank, world.world_size, world.device)
+            except (FileNotFoundError, ValueError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            if world.is_main:
+                write_result(out_path, result)
+                line = result["brierlm"] or result["reconstruction"]
+                print(f"{result['model']['name']}: " + ", ".join(
+                    f"{k}={v:.4g}" for k, v in line.items() if isinstance(v, float)) + f" -> {out_path}", flush=True)
+    finally:
+        # The barrier inside: rank 0 is still writing when the others finish; tearing gloo down under
+        # it aborted runs ("terminate called without an active exception") about once in five.
+        distributed.shutdown()
     return 0
 
 

@@ -127,76 +127,100 @@ def _params(n: int) -> str:
 
 
 def plot_all(rows: list[dict], runs: list[dict], out: Path) -> list[str]:
+    """Writes the plots the results allow into `out`; returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
     lm_rows = [r for r in rows if r["brierlm"]]
-    frontier = [r for r in lm_rows if r["train_flops"]]
-    if frontier:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for stage, marker in (("baseline", "o"), ("calm", "s")):
-            pts = [(r["train_flops"], r["brierlm"]["brierlm"], r) for r in frontier if r["stage"] == stage]
-            pts.sort(key=lambda p: p[0])
-            if not pts:
-                continue
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2]["brierlm"]["brierlm_se"] for p in pts],
-                        marker=marker, label=FAMILY[stage], capsize=3)
-            for f, b, r in pts:
-                ax.annotate(r["name"], (f, b), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs")
-        ax.set_ylabel("BrierLM")
-        ax.set_title("Performance-compute frontier")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        made.append(_save(fig, out / "frontier.png"))
-    if lm_rows:
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(lm_rows) + 2), 4))
-        width = 0.8 / len(lm_rows)
-        for i, r in enumerate(lm_rows):
-            xs = [n + (i - (len(lm_rows) - 1) / 2) * width for n in range(4)]
-            ax.bar(xs, r["brierlm"]["brier_n"], width, yerr=r["brierlm"]["brier_n_se"], capsize=2, label=r["name"])
-        ax.set_xticks(range(4), [f"Brier-{n}" for n in range(1, 5)])
-        ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_title("Brier-n per model")
-        ax.legend(fontsize=8)
-        made.append(_save(fig, out / "brier_n.png"))
-    curve_runs = [r for r in runs if r["train"]["loss"]]
-    if curve_runs:
-        stages = [s for s in STAGE_ORDER if any(r["stage"] == s for r in curve_runs)]
-        stages += sorted({str(r["stage"]) for r in curve_runs} - set(stages))
-        fig, axes = plt.subplots(len(stages), 2, figsize=(10, 3.2 * len(stages)), squeeze=False)
-        for row_axes, stage in zip(axes, stages):
-            for ax, key, label in ((row_axes[0], "tokens", "tokens"), (row_axes[1], "flops", "training FLOPs")):
-                for r in (r for r in curve_runs if str(r["stage"]) == stage):
-                    if r["train"][key]:
-                        line, = ax.plot(r["train"][key], r["train"]["loss"], label=f"{r['name']} train")
-                        if r["validation"][key]:
-                            ax.plot(r["validation"][key], r["validation"]["loss"], "o--", color=line.get_color(),
-                                    label=f"{r['name']} validation", markersize=3)
-                ax.set_xlabel(label)
-                ax.set_ylabel(f"{stage} loss")
-                ax.grid(alpha=0.3)
-                if ax.lines:
-                    ax.legend(fontsize=7)
-        fig.suptitle("Training curves")
-        made.append(_save(fig, out / "training_curves.png"))
-    ae_rows = [r for r in rows if r["reconstruction"]]
-    if ae_rows:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in ae_rows:
-            rob = r["reconstruction"]["robustness"]
-            ax.plot([p["noise_std"] for p in rob], [p["accuracy"] for p in rob], "o-", label=r["name"])
-        ax.set_xlabel("std of Gaussian noise added to the sampled latent")
-        ax.set_ylabel("token reconstruction accuracy")
-        ax.set_title("Autoencoder robustness")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        made.append(_save(fig, out / "ae_robustness.png"))
-    return made
+    made = [
+        _plot_frontier(plt, [r for r in lm_rows if r["train_flops"]], out),
+        _plot_brier_n(plt, lm_rows, out),
+        _plot_training_curves(plt, [r for r in runs if r["train"]["loss"]], out),
+        _plot_ae_robustness(plt, [r for r in rows if r["reconstruction"]], out),
+    ]
+    return [name for name in made if name is not None]
+
+
+def _plot_frontier(plt, frontier: list[dict], out: Path) -> str | None:
+    """BrierLM against training FLOPs, one line per family (baseline, CALM)."""
+    if not frontier:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for stage, marker in (("baseline", "o"), ("calm", "s")):
+        pts = [(r["train_flops"], r["brierlm"]["brierlm"], r) for r in frontier if r["stage"] == stage]
+        pts.sort(key=lambda p: p[0])
+        if not pts:
+            continue
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2]["brierlm"]["brierlm_se"] for p in pts],
+                    marker=marker, label=FAMILY[stage], capsize=3)
+        for f, b, r in pts:
+            ax.annotate(r["name"], (f, b), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    return _save_single(fig, ax, out / "frontier.png", "training FLOPs", "BrierLM", "Performance-compute frontier")
+
+
+def _plot_brier_n(plt, lm_rows: list[dict], out: Path) -> str | None:
+    """Brier-1..4 as grouped bars, one bar per model."""
+    if not lm_rows:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(lm_rows) + 2), 4))
+    width = 0.8 / len(lm_rows)
+    for i, r in enumerate(lm_rows):
+        xs = [n + (i - (len(lm_rows) - 1) / 2) * width for n in range(4)]
+        ax.bar(xs, r["brierlm"]["brier_n"], width, yerr=r["brierlm"]["brier_n_se"], capsize=2, label=r["name"])
+    ax.set_xticks(range(4), [f"Brier-{n}" for n in range(1, 5)])
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_title("Brier-n per model")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "brier_n.png")
+
+
+def _plot_training_curves(plt, curve_runs: list[dict], out: Path) -> str | None:
+    """Loss against tokens (left) and training FLOPs (right), one row of axes per stage."""
+    if not curve_runs:
+        return None
+    stages = [s for s in STAGE_ORDER if any(r["stage"] == s for r in curve_runs)]
+    stages += sorted({str(r["stage"]) for r in curve_runs} - set(stages))
+    fig, axes = plt.subplots(len(stages), 2, figsize=(10, 3.2 * len(stages)), squeeze=False)
+    for row_axes, stage in zip(axes, stages):
+        for ax, key, label in ((row_axes[0], "tokens", "tokens"), (row_axes[1], "flops", "training FLOPs")):
+            for r in (r for r in curve_runs if str(r["stage"]) == stage):
+                if r["train"][key]:
+                    line, = ax.plot(r["train"][key], r["train"]["loss"], label=f"{r['name']} train")
+                    if r["validation"][key]:
+                        ax.plot(r["validation"][key], r["validation"]["loss"], "o--", color=line.get_color(),
+                                label=f"{r['name']} validation", markersize=3)
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"{stage} loss")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.suptitle("Training curves")
+    return _save(fig, out / "training_curves.png")
+
+
+def _plot_ae_robustness(plt, ae_rows: list[dict], out: Path) -> str | None:
+    """Autoencoder reconstruction accuracy against the noise added to its latent, one line per model."""
+    if not ae_rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in ae_rows:
+        rob = r["reconstruction"]["robustness"]
+        ax.plot([p["noise_std"] for p in rob], [p["accuracy"] for p in rob], "o-", label=r["name"])
+    return _save_single(fig, ax, out / "ae_robustness.png", "std of Gaussian noise added to the sampled latent",
+                        "token reconstruction accuracy", "Autoencoder robustness")
+
+
+def _save_single(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> str:
+    """Labels a one-axes figure (gridded, with a legend) and saves it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> str:
@@ -228,7 +252,7 @@ def markdown(rows: list[dict], runs: list[dict], plots: list[str]) -> str:
             )
         lines += ["", "BrierLM = 100 · geometric mean of Brier-1..4 (floored at 0); ± one standard error "
                       "(positions treated as independent). CALM parameters exclude the frozen autoencoder; "
-                      "training FLOPs are those of the run itself (calm.md §7).", ""]
+                      "training FLOPs are those of the run itself (docs/method.md §7).", ""]
     ae_rows = [r for r in rows if r["reconstruction"]]
     if ae_rows:
         lines += ["## Autoencoders", "",

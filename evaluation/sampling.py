@@ -1,4 +1,4 @@
-"""Likelihood-free temperature sampling over decoded token chunks (calm.md §6).
+"""Likelihood-free temperature sampling over decoded token chunks (docs/method.md §6).
 
 CALM's head gives samples, not probabilities, so temperature T is realised from repeated draws of
 the model distribution P over K-token chunks:
@@ -214,6 +214,78 @@ def _pair_sample(sample_fn: SampleFn, pair_fn: PairFn, batch_size: int, max_draw
                         matched=torch.ones(batch_size, dtype=torch.bool, device=device), decoded=decoded)
 
 
+class _ExactRows:
+    """The per-row state of `exact_sample`'s state machine (module docstring) and its outcome.
+
+    Step 1 counts identical draws of a candidate x (`run`); with α > 0, n of them enter the Bernoulli
+    factory (`loop_i` = i ≥ 1): a draw equal to x accepts, another restarts with probability α / i.
+    Draws that miss the prefix constraint (`usable` false) are counted but change nothing.
+    """
+
+    def __init__(self, batch_size: int, prefix: torch.Tensor | None, device: torch.device | str):
+        self.device = device
+        self.tokens = prefix.clone() if prefix is not None else None
+        self.kept: torch.Tensor | None = None  # candidate x per row (B, K)
+        self.run = torch.zeros(batch_size, dtype=torch.long, device=device)  # identical draws so far (step 1)
+        self.loop_i = torch.zeros(batch_size, dtype=torch.long, device=device)  # factory index i, 0 = step 1
+        self.done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.draws = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.capped = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.matched = torch.ones(batch_size, dtype=torch.bool, device=device)
+
+    def allocate(self, chunks: torch.Tensor) -> None:
+        """Sizes the chunk state from the first round of draws (K and the token dtype are known then)."""
+        if self.kept is None:
+            self.kept = torch.zeros(len(self.done), chunks.shape[-1], dtype=chunks.dtype, device=self.device)
+            if self.tokens is None:
+                self.tokens = self.kept.clone()
+
+    def consume(self, rows: torch.Tensor, draw: torch.Tensor, usable: torch.Tensor, n: int, alpha: float,
+                generator: torch.Generator | None) -> bool:
+        """Feeds one draw (R, K) to each of `rows` still running; usable (R,) says it honours the prefix.
+        Returns False when none of them was running any more."""
+        live = ~self.done[rows]
+        if not live.any():
+            return False
+        r = rows[live]
+        d = draw[live]
+        ok = usable[live]
+        self.draws[r] += 1
+        x = self.kept[r]
+        same = (d == x).all(-1)
+        i = self.loop_i[r]
+        c = self.run[r]
+        in_factory = i > 0
+        # step 1: the first draw of an attempt becomes x; a different one ends the attempt
+        start = ok & ~in_factory & (c == 0)
+        grow = ok & ~in_factory & (c > 0) & same
+        c = torch.where(start | grow, c + 1, torch.where(ok & ~in_factory, 0, c))
+        x = torch.where(start[:, None], d, x)
+        # step 2: equal accepts; otherwise restart with probability α / i
+        u = torch.rand(r.shape, generator=generator, device=self.device)
+        restart = ok & in_factory & ~same & (u < alpha / i.clamp(min=1))
+        accept = (ok & in_factory & same) | (~in_factory & (c == n) & (alpha == 0))
+        enter = ~in_factory & (c == n) & (alpha > 0)
+        i = torch.where(enter, 1, torch.where(restart, 0, torch.where(ok & in_factory, i + 1, i)))
+        c = torch.where(restart, 0, c)
+        self.kept[r], self.run[r], self.loop_i[r] = x, c, i
+        self.tokens[r] = torch.where(accept[:, None], x, self.tokens[r])
+        self.done[r] |= accept
+        return True
+
+    def cap(self, rows: torch.Tensor, chunks: torch.Tensor, usable: torch.Tensor, temperature: float,
+            max_draws: int, generator: torch.Generator | None) -> None:
+        """Rows of `rows` that reached `max_draws` unaccepted take `batch_select` over this round's draws."""
+        hit = ~self.done[rows] & (self.draws[rows] >= max_draws)
+        if hit.any():
+            r = rows[hit]
+            index, _ = batch_select(chunks[hit], temperature, usable[hit], generator)
+            self.tokens[r] = _gather(chunks[hit], index)
+            self.matched[r] = _gather(usable[hit], index) & usable[hit].any(-1)
+            self.capped[r] = True
+            self.done[r] = True
+
+
 def exact_sample(
     sample_fn: SampleFn,
     batch_size: int,
@@ -246,64 +318,23 @@ def exact_sample(
     m = first_round or (n + (1 if alpha > 0 else 0))
     if n == 1 and alpha == 0 and prefix is None:
         m = 1  # T = 1: the first draw is always accepted
-    tokens = prefix.clone() if prefix is not None else None
-    kept: torch.Tensor | None = None  # candidate x per row (B, K)
-    run = torch.zeros(batch_size, dtype=torch.long, device=device)  # identical draws so far (step 1)
-    loop_i = torch.zeros(batch_size, dtype=torch.long, device=device)  # factory index i, 0 = step 1
-    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    draws = torch.zeros(batch_size, dtype=torch.long, device=device)
-    capped = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    matched = torch.ones(batch_size, dtype=torch.bool, device=device)
+    state = _ExactRows(batch_size, prefix, device)
     calls = decoded = 0
-    while not done.all():
-        rows = (~done).nonzero().squeeze(-1)
-        room = int((max_draws - draws[rows]).min())
+    while not state.done.all():
+        rows = (~state.done).nonzero().squeeze(-1)
+        room = int((max_draws - state.draws[rows]).min())
         num = max(1, min(m, room))
         chunks = sample_fn(rows, num)
         calls += 1
         decoded += len(rows) * num
-        if kept is None:
-            kept = torch.zeros(batch_size, chunks.shape[-1], dtype=chunks.dtype, device=device)
-            if tokens is None:
-                tokens = kept.clone()
+        state.allocate(chunks)
         sub_prefix = prefix[rows] if prefix is not None else None
         sub_len = prefix_len[rows] if prefix_len is not None else None
         usable = prefix_mask(chunks, sub_prefix, sub_len)
         for j in range(num):
-            live = ~done[rows]
-            if not live.any():
+            if not state.consume(rows, chunks[:, j], usable[:, j], n, alpha, generator):
                 break
-            r = rows[live]
-            d = chunks[live, j]
-            ok = usable[live, j]
-            draws[r] += 1
-            x = kept[r]
-            same = (d == x).all(-1)
-            i = loop_i[r]
-            c = run[r]
-            in_factory = i > 0
-            # step 1: the first draw of an attempt becomes x; a different one ends the attempt
-            start = ok & ~in_factory & (c == 0)
-            grow = ok & ~in_factory & (c > 0) & same
-            c = torch.where(start | grow, c + 1, torch.where(ok & ~in_factory, 0, c))
-            x = torch.where(start[:, None], d, x)
-            # step 2: equal accepts; otherwise restart with probability α / i
-            u = torch.rand(r.shape, generator=generator, device=device)
-            restart = ok & in_factory & ~same & (u < alpha / i.clamp(min=1))
-            accept = (ok & in_factory & same) | (~in_factory & (c == n) & (alpha == 0))
-            enter = ~in_factory & (c == n) & (alpha > 0)
-            i = torch.where(enter, 1, torch.where(restart, 0, torch.where(ok & in_factory, i + 1, i)))
-            c = torch.where(restart, 0, c)
-            kept[r], run[r], loop_i[r] = x, c, i
-            tokens[r] = torch.where(accept[:, None], x, tokens[r])
-            done[r] |= accept
-        hit = ~done[rows] & (draws[rows] >= max_draws)
-        if hit.any():
-            r = rows[hit]
-            index, _ = batch_select(chunks[hit], temperature, usable[hit], generator)
-            tokens[r] = _gather(chunks[hit], index)
-            matched[r] = _gather(usable[hit], index) & usable[hit].any(-1)
-            capped[r] = True
-            done[r] = True
+        state.cap(rows, chunks, usable, temperature, max_draws, generator)
         m = min(2 * m, max_round)
-    return SampleResult(tokens=tokens, draws=draws, calls=calls, capped=capped, matched=matched, decoded=decoded)
+    return SampleResult(tokens=state.tokens, draws=state.draws, calls=calls, capped=state.capped,
+                        matched=state.matched, decoded=decoded)

@@ -72,27 +72,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def dry_run(config: TrainConfig, world_size: int) -> int:
-    """Print the resolved config, the model's parameter count and the DeepSpeed JSON for `world_size`."""
+    """Print the resolved config, the model's parameter and FLOP counts and the DeepSpeed JSON for `world_size`."""
     import torch
     import yaml
 
     from pretrain.ds_config import build_ds_config
-    from pretrain.models import AutoencoderConfig, build_model
-    from pretrain.train import resolve_precision
+    from pretrain.models import AutoencoderConfig
+    from pretrain.stages import build_model, get_stage
+    from pretrain.train import check_autoencoder, resolve_precision
 
-    model_kwargs = dict(config.model)
+    stage = get_stage(config.stage)
+    model_config = stage.build_config(config.model, config.ae_path)
     if config.stage == "calm" and not (config.ae_path and (Path(config.ae_path) / "config.json").is_file()):
         # The autoencoder is usually trained after this check is wanted; its size only adds frozen weights.
         print(f"warning: ae_path={config.ae_path} holds no exported autoencoder yet; counting the frozen "
               "autoencoder as the paper's (AutoencoderConfig defaults)", file=sys.stderr)
-        model_kwargs["ae_config"] = AutoencoderConfig(**{k: model_kwargs[k] for k in
-                                                         ("vocab_size", "patch_size", "latent_size") if k in model_kwargs})
-        ae_path = None
-    else:
-        ae_path = config.ae_path
+        model_config.ae_path = None
+        model_config.ae_config = AutoencoderConfig(vocab_size=model_config.vocab_size,
+                                                   patch_size=model_config.patch_size,
+                                                   latent_size=model_config.latent_size)
+    elif config.stage == "calm":
+        check_autoencoder(config.ae_path, model_config)
     try:
         with torch.device("meta"):
-            model = build_model(config.stage, model_kwargs, ae_path)
+            model = build_model(config.stage, model_config)
     except ValueError as exc:  # an autoencoder at ae_path whose K or latent size does not fit
         raise ConfigError(str(exc)) from exc
     frozen = sum(p.numel() for name, p in model.named_parameters() if name.startswith("ae_model."))
@@ -100,13 +103,28 @@ def dry_run(config: TrainConfig, world_size: int) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(config, device)
     ds_config = build_ds_config(config, world_size, precision, REPO_ROOT)
+    block_len, where = _block_len(config, model_config)
+    per_token = stage.train_flops_per_token(model_config, block_len)
+    tokens_per_step = ds_config["train_batch_size"] * block_len
     if os.environ.get("RANK", "0") == "0":
         print(f"# resolved config\n{yaml.safe_dump(config.to_dict(), sort_keys=False)}")
         print(f"# model: {type(model).__name__}, {trained:,} trained parameters"
               + (f" + {frozen:,} frozen (autoencoder)" if frozen else ""))
+        print(f"# training FLOPs: {per_token:.4g} per token, {per_token * tokens_per_step:.4g} per optimizer step "
+              f"({tokens_per_step:,} tokens at block length {block_len}, {where})")
         print(f"# DeepSpeed config ({config.ds_config}; world size {world_size}, {precision} on {device.type})")
         print(json.dumps(ds_config, indent=2))
     return 0
+
+
+def _block_len(config: TrainConfig, model_config) -> tuple[int, str]:
+    """The shards' block length when data.path is prepared, else the longest the model takes."""
+    manifest = Path(config.data.path) / "manifest.json"
+    if manifest.is_file():
+        return int(json.loads(manifest.read_text())["block_len"]), f"from {manifest}"
+    positions = model_config.max_position_embeddings if hasattr(model_config, "max_position_embeddings") else 2048
+    k = getattr(model_config, "patch_size", 1) if config.stage == "calm" else 1
+    return positions * k, "the model's maximum, as data.path has no manifest.json yet"
 
 
 def main(argv: list[str] | None = None) -> int:

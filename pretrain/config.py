@@ -19,7 +19,6 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "configs"
-STAGES = ("autoencoder", "calm", "baseline")
 
 
 class ConfigError(ValueError):
@@ -112,8 +111,10 @@ class TrainConfig:
     """Write a consolidated HF directory (`run_dir/export`) at the end of training."""
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        from pretrain.stages import STAGE_NAMES
+
+        if self.stage not in STAGE_NAMES:
+            raise ConfigError(f"stage must be one of {STAGE_NAMES}, got {self.stage!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.nan_policy not in ("stop", "skip"):
@@ -188,13 +189,16 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
 
 def validate_model_section(stage: str, model: dict[str, Any]) -> None:
     """Reject model keys that the stage's HF config class does not define."""
-    from pretrain.models import config_class_for
+    from pretrain.stages import get_stage
 
-    config_cls = config_class_for(stage)
+    config_cls = get_stage(stage).config_class
     allowed = set(config_cls().to_dict())
     unknown = sorted(set(model) - allowed)
     if unknown:
         raise ConfigError(f"unknown model key(s) {unknown} for stage {stage!r} ({config_cls.__name__})")
+    if "ae_path" in model:
+        # One run, one autoencoder: the top-level field is what training, export and the dry run read.
+        raise ConfigError("model.ae_path: name the autoencoder with the top-level ae_path=DIR, not inside model:")
 
 
 def load_config(preset: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:

@@ -150,10 +150,6 @@ class ShardLoader:
         return self._manifest["block_len"]
 
     @property
-    def vocab_size(self) -> int:
-        return self._manifest["tokenizer"]["vocab_size"]
-
-    @property
     def global_batch(self) -> int:
         return self.batch_size * self.world_size
 

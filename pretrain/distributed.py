@@ -40,29 +40,46 @@ def _prepare_environment(local_rank: int | None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"(?s).*(all_gather_into_tensor|reduce_scatter_tensor)")
 
 
-def init(local_rank: int | None = None) -> World:
-    """Start (or join) the process group and return this process's place in it."""
+def init(local_rank: int | None = None, device: str | torch.device | None = None, deepspeed: bool = True) -> World:
+    """Start (or join) the process group and return this process's place in it.
+
+    Training (`deepspeed=True`) always has a group, a world of one included, because DeepSpeed's
+    engine needs one. Evaluation and benchmarks (`deepspeed=False`) join one only when a launcher
+    started several processes. `device` overrides the default: this rank's GPU when CUDA is
+    available, else the CPU; the backend follows it (NCCL on CUDA, gloo on CPU).
+    """
+    if device is None:
+        local = int(os.environ.get("LOCAL_RANK", local_rank or 0))
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The deepspeed launcher never sets it; oversubscribed ranks run many times slower on CPU.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if deepspeed:
+        _init_deepspeed(local_rank, backend)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    if torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world_size = 0, 1
+    local = device.index if device.type == "cuda" and device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+    return World(rank=rank, local_rank=local, world_size=world_size, device=device)
+
+
+def _init_deepspeed(local_rank: int | None, backend: str) -> None:
     _prepare_environment(local_rank)
     import deepspeed
     import deepspeed.ops as ds_ops
 
     # The CPU backend would JIT-compile an inference-only shared-memory all-reduce (~30 s, needs g++).
     ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    cuda = torch.cuda.is_available()
-    if "OMP_NUM_THREADS" not in os.environ:
-        # The deepspeed launcher never sets it; oversubscribed ranks run many times slower on CPU.
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    rank = torch.distributed.get_rank()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return World(rank=rank, local_rank=local, world_size=torch.distributed.get_world_size(), device=device)
+        deepspeed.init_distributed(dist_backend=backend)
 
 
 def collective_device() -> torch.device:
@@ -100,11 +117,21 @@ def any_true(flag: bool | torch.Tensor) -> bool:
     return not all_true(torch.as_tensor(flag).logical_not())
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct TCP ports on 127.0.0.1 that are free now (held open together while chosen, so no two
+    are the same), for single-node rendezvous."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for a single-node rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def barrier() -> None:

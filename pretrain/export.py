@@ -31,7 +31,7 @@ def export_run(run_dir: str | Path, tag: str | None = None, output: str | Path |
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from pretrain.data import load_tokenizer, read_manifest
-    from pretrain.models import build_model
+    from pretrain.stages import build_model
 
     run_dir = Path(run_dir)
     root = checkpoint.checkpoint_root(run_dir)

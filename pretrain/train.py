@@ -24,10 +24,12 @@ from typing import Any
 
 import torch
 
+from data_prep.manifest import ManifestError, check_compatible
 from pretrain import checkpoint, distributed
 from pretrain.config import REPO_ROOT, ConfigError, TrainConfig, save_config
 from pretrain.ds_config import build_ds_config, offloads_optimizer
-from pretrain.logging import MetricsLogger, memory_stats, peak_tflops
+from pretrain.metrics import MetricsLogger, memory_stats, peak_tflops
+from pretrain.stages import build_model, get_stage
 from pretrain.state import TrainState, seed_everything
 
 EXIT_NONFINITE = 3
@@ -74,91 +76,50 @@ def resolve_precision(config: TrainConfig, device: torch.device) -> str:
     return config.precision
 
 
-def _model_dims(config: TrainConfig) -> tuple[int | None, int | None]:
-    from pretrain.models import config_class_for
-
-    model_config = config_class_for(config.stage)(**config.model)
-    return model_config.vocab_size, getattr(model_config, "patch_size", None)
-
-
-def check_compatibility(config: TrainConfig, manifest: dict) -> None:
-    """Everything that would make training meaningless, checked before any step is taken."""
-    vocab, patch = _model_dims(config)
-    data_vocab = manifest["tokenizer"]["vocab_size"]
-    if vocab != data_vocab:
-        raise ConfigError(
-            f"model.vocab_size={vocab} but the shards in {config.data.path} were made with tokenizer "
-            f"{manifest['tokenizer'].get('name')!r} of vocab_size {data_vocab}: the shards come from "
-            f"another tokenizer (set model.vocab_size={data_vocab} or re-run data_prep)")
-    block_len = manifest["block_len"]
-    if patch is not None and block_len % patch:
-        raise ConfigError(f"patch size K={patch} does not divide the shards' block_len={block_len} "
-                          f"({config.data.path}/manifest.json)")
+def check_compatibility(config: TrainConfig, model_config, manifest: dict) -> None:
+    """Everything that would make training meaningless, checked before any step is taken: the one
+    data/tokenizer/model rule (`data_prep.manifest.check_compatible`) and, for CALM, its autoencoder."""
+    try:
+        check_compatible(manifest, vocab_size=model_config.vocab_size,
+                         patch_size=getattr(model_config, "patch_size", None),
+                         model=f"the {config.stage} model (model.vocab_size / model.patch_size)")
+    except ManifestError as exc:
+        raise ConfigError(f"{config.data.path}: {exc}") from exc
     if config.stage == "calm":
-        _check_autoencoder(config, vocab, patch, manifest["tokenizer"])
+        check_autoencoder(config.ae_path, model_config, manifest)
     elif config.ae_path:
         raise ConfigError(f"ae_path is only used by the calm stage, not {config.stage!r}")
 
 
-def _check_autoencoder(config: TrainConfig, vocab: int, patch: int, manifest_tokenizer: dict | None) -> None:
-    from pretrain.models import config_class_for
-
-    if not config.ae_path:
+def check_autoencoder(ae_path: str | None, calm_config, manifest: dict | None = None) -> None:
+    """`ae_path` holds an exported autoencoder that fits this CALM (and, given the shards' manifest,
+    was trained on their tokenizer); a ConfigError naming the mismatch otherwise."""
+    if not ae_path:
         raise ConfigError("the calm stage needs ae_path=DIR, the export of a trained autoencoder "
                           "(run_dir/export of an autoencoder run)")
-    path = Path(config.ae_path)
+    path = Path(ae_path)
     if not (path / "config.json").is_file():
-        raise ConfigError(f"ae_path={config.ae_path}: no config.json there; expected the export directory "
+        raise ConfigError(f"ae_path={ae_path}: no config.json there; expected the export directory "
                           "of an autoencoder run (run_dir/export)")
-    ae = config_class_for("autoencoder").from_pretrained(str(path))
-    calm = config_class_for("calm")(**config.model)
-    problems = [f"{name}: autoencoder {a} vs calm {c}" for name, a, c in (
-        ("vocab_size", ae.vocab_size, vocab), ("patch_size", ae.patch_size, patch),
-        ("latent_size", ae.latent_size, calm.latent_size)) if a != c]
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"ae_path={ae_path}: config.json is not valid JSON ({exc})") from exc
+    if model_type != "autoencoder":
+        raise ConfigError(f"ae_path={ae_path} holds a model of type {model_type!r}, not an autoencoder export "
+                          "(point it at the export/ directory of an autoencoder run)")
+    ae = get_stage("autoencoder").config_class.from_pretrained(str(path))
+    problems = [f"{name}: autoencoder {getattr(ae, name)} vs calm {getattr(calm_config, name)}"
+                for name in ("vocab_size", "patch_size", "latent_size") if getattr(ae, name) != getattr(calm_config, name)]
     if problems:
-        raise ConfigError(f"autoencoder at {config.ae_path} does not fit this CALM model: " + "; ".join(problems))
+        raise ConfigError(f"autoencoder at {ae_path} does not fit this CALM model: " + "; ".join(problems))
     trained_on = path / "training.json"
-    if trained_on.is_file() and manifest_tokenizer is not None:
-        ae_sha = json.loads(trained_on.read_text())["data_tokenizer"]["sha256"]
-        if ae_sha != manifest_tokenizer["sha256"]:
-            raise ConfigError(f"autoencoder at {config.ae_path} was trained on shards of another tokenizer "
-                              f"(sha256 {ae_sha[:12]}…) than {config.data.path} ({manifest_tokenizer['sha256'][:12]}…)")
-
-
-def build_model(config: TrainConfig, ds_config: dict, device: torch.device, dtype: torch.dtype):
-    """The stage's model, partitioned at construction under ZeRO-3; CALM's autoencoder kept whole and frozen.
-
-    `_from_config` is what makes transformers partition at construction (and initialise the
-    partitioned weights correctly) while an HfDeepSpeedConfig is alive.
-    """
-    from transformers import LlamaForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-
-    from pretrain.models import CALM, Autoencoder, attn_implementation, build_config
-
-    model_config = build_config(config.stage, dict(config.model), config.ae_path)
-    cls = {"autoencoder": Autoencoder, "calm": CALM, "baseline": LlamaForCausalLM}[config.stage]
-    # Built directly in the training dtype (FlashAttention-2 refuses fp32 weights).
-    kwargs = {"dtype": dtype}
-    if config.stage != "autoencoder":
-        kwargs["attn_implementation"] = attn_implementation(device, dtype)
-    zero3 = ds_config["zero_optimization"]["stage"] == 3
-    # transformers partitions models built while this object is alive (it holds a weak reference).
-    hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
-    torch.manual_seed(config.seed)
-    model = cls._from_config(model_config, **kwargs)
-    del hf_ds
-    frozen_ae = None
-    if config.stage == "calm":
-        # Replace the (randomly initialised, possibly partitioned) placeholder with the trained weights.
-        del model._modules["ae_model"]
-        # Kept in float32 even in bf16 runs: the targets are the autoencoder's exact posteriors
-        # (the authors' bf16 encoder moved them by ~7e-3), and the encoder is cheap next to the backbone.
-        frozen_ae = Autoencoder.from_pretrained(config.ae_path).to(device=device, dtype=torch.float32).eval()
-        frozen_ae.requires_grad_(False)
-        # A plain attribute: visible to CALM.forward, invisible to parameters(), state_dict() and ZeRO.
-        object.__setattr__(model, "ae_model", frozen_ae)
-    return model, frozen_ae
+    if trained_on.is_file() and manifest is not None:
+        try:
+            check_compatible(manifest, tokenizer_sha256=json.loads(trained_on.read_text())["data_tokenizer"]["sha256"],
+                             model=f"the autoencoder at {ae_path}")
+        except ManifestError as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 def _register_tied_weights(model: torch.nn.Module) -> None:
@@ -193,32 +154,26 @@ def optimizer_class(ds_config: dict):
     return torch.optim.AdamW
 
 
-def build_engine(config: TrainConfig, ds_config: dict, device: torch.device, precision: str):
-    """(engine, optimizer, frozen autoencoder or None): the model under DeepSpeed with AdamW."""
+def build_engine(config: TrainConfig, model_config, ds_config: dict, device: torch.device, precision: str):
+    """(engine, optimizer): the stage's model under DeepSpeed with AdamW, partitioned at construction
+    under ZeRO-3, CALM's autoencoder kept whole, frozen and outside the engine."""
     import deepspeed
 
-    model, frozen_ae = build_model(config, ds_config, device, dtype_of(precision))
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    torch.manual_seed(config.seed)  # the same initial weights on every rank and in every run of this seed
+    model = build_model(config.stage, model_config, device=device, dtype=dtype_of(precision),
+                        zero3_config=ds_config if zero3 else None, frozen_ae_outside=True)
     optimizer = optimizer_class(ds_config)(param_groups(model, config.optim.weight_decay), lr=lr_at(config, 0),
                                            betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if ds_config["zero_optimization"]["stage"] == 3:
+    if zero3:
         _register_tied_weights(engine.module)
-    return engine, optimizer, frozen_ae
+    return engine, optimizer
 
 
 def forward(engine, stage: str, batch: torch.Tensor):
-    """The stage's training objective on one batch (ModelOutput with .loss)."""
-    if stage == "baseline":
-        return engine(input_ids=batch, labels=batch)
-    return engine(input_ids=batch)
-
-
-def flops_per_token(model_config, stage: str, block_len: int) -> float:
-    """Training FLOPs per token (evaluation.flops); CALM's context is counted in steps of K tokens."""
-    from evaluation.flops import train_flops_per_token
-
-    context = block_len // model_config.patch_size if stage == "calm" else block_len
-    return float(train_flops_per_token(model_config, stage, context))
+    """The stage's training objective on one batch (a model output with .loss)."""
+    return get_stage(stage).objective(engine, batch)
 
 
 AUX_METRICS = ("ce", "kl", "accuracy")
@@ -252,7 +207,9 @@ class Trainer:
         self.resume = resume
         self.loader = ShardLoader(config.data.path, config.data.train_split, config.micro_batch_size,
                                   rank=world.rank, world_size=world.world_size, seed=config.seed, shuffle=True)
-        check_compatibility(config, self.loader.manifest)
+        self.stage = get_stage(config.stage)
+        model_config = self.stage.build_config(config.model, config.ae_path)
+        check_compatibility(config, model_config, self.loader.manifest)
         if config.eval_every:
             # One validation loader for the whole run, rewound before each validation: its shards are
             # checksummed once, and a missing validation split fails here, before any step.
@@ -266,12 +223,10 @@ class Trainer:
         if resume:
             universal = bool(self.ds_config.get("checkpoint", {}).get("load_universal", False))
             checkpoint.check_world_size(config, world, universal)
-        self.engine, self.optimizer, self.frozen_ae = build_engine(config, self.ds_config, world.device,
-                                                                     self.precision)
+        self.engine, self.optimizer = build_engine(config, model_config, self.ds_config, world.device, self.precision)
         self.dtype = dtype_of(self.precision)
-        self.model_config = self.engine.module.config
         self.tokens_per_step = self.engine.train_batch_size() * self.block_len
-        self.flops_per_token = flops_per_token(self.model_config, config.stage, self.block_len)
+        self.flops_per_token = self.stage.train_flops_per_token(model_config, self.block_len)
         self.peak = peak_tflops(world.device)
         self._stop_requested = False
 
@@ -446,21 +401,18 @@ class Trainer:
             return {"loss": out.loss, "ce": out.ce, "accuracy_mean_latent": out.accuracy,
                     "reconstruction_accuracy": plain_ae.reconstruction_accuracy(batch, sample=True)}
         out = forward(self.engine, self.config.stage, batch)
-        key = "energy_loss" if self.config.stage == "calm" else "ce"
-        return {"loss": out.loss, key: out.loss}
+        return {"loss": out.loss, self.stage.validation_metric: out.loss}
 
     def _plain_autoencoder(self):
         """A whole copy of the autoencoder being trained, for reconstruction_accuracy, which is not a
         forward call and so would find its weights partitioned under ZeRO-3 (the model is small)."""
         import deepspeed
 
-        from pretrain.models import Autoencoder
-
         module = self.engine.module
         zero3 = self.ds_config["zero_optimization"]["stage"] == 3
         with deepspeed.zero.GatheredParameters(list(module.parameters())) if zero3 else nullcontext():
             state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        plain = Autoencoder(module.config).to(self.world.device)
+        plain = self.stage.model_class(module.config).to(self.world.device)
         plain.load_state_dict(state)
         return plain.to(self.dtype).eval()
 

@@ -4,12 +4,11 @@ Input side: the previous chunk's K tokens, embedded with the backbone's own tabl
 `embed_proj` into one vector per step. Output side: the energy head (`mlp_generator`) samples latent
 vectors from the hidden state; training minimises the energy loss against samples of the frozen
 autoencoder's posterior for the next chunk. The autoencoder lives inside the model as `ae_model`
-(frozen, always in eval mode, excluded from `trainable_parameters()`).
+(frozen and always in eval mode; training holds it outside the module tree, see pretrain.stages).
 
 Step-wise API for generation and evaluation (shapes: B batch, n chunks, d hidden, l latent, K patch):
     model.chunk_embeddings(input_ids (B, n*K))            -> (B, n, d)      backbone inputs
     model.backbone(inputs_embeds, past_key_values, use_cache) -> (hidden (B, n, d), past_key_values)
-    model.hidden_states(input_ids, past_key_values, use_cache) = backbone(chunk_embeddings(input_ids))
     model.sample_latents(hidden (..., d), num_samples)     -> (num_samples, ..., l)
     model.decode_latents(latents (..., T, l))              -> token ids (..., T*K)  (AE decoder, argmax)
 Hidden state t (after reading chunks 0..t) predicts chunk t+1.
@@ -162,10 +161,6 @@ class CALM(PreTrainedModel):
         self.ae_model.eval()
         return self
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Everything except the frozen autoencoder: what the optimizer must receive."""
-        return [p for name, p in self.named_parameters() if not name.startswith("ae_model.")]
-
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.embed_tokens
 
@@ -193,10 +188,6 @@ class CALM(PreTrainedModel):
             inputs_embeds=inputs_embeds, past_key_values=past_key_values, use_cache=use_cache, **kwargs
         )
         return out.last_hidden_state, out.past_key_values
-
-    def hidden_states(self, input_ids: torch.LongTensor, past_key_values=None, use_cache: bool = True):
-        """Backbone states after reading the chunks of `input_ids` (B, n*K): ((B, n, d), past_key_values)."""
-        return self.backbone(self.chunk_embeddings(input_ids), past_key_values=past_key_values, use_cache=use_cache)
 
     def sample_latents(self, hidden: torch.Tensor, num_samples: int = 1,
                        generator: torch.Generator | None = None) -> torch.Tensor:

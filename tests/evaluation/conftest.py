@@ -16,8 +16,8 @@ LLAMA = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, 
 
 
 def _train_and_export(stage, model, data_dir, run_dir, steps=12, batch=4):
-    from evaluation.flops import train_flops_per_token
     from pretrain.data import ShardLoader, load_tokenizer
+    from pretrain.models.flops import train_flops_per_token
 
     torch.manual_seed(1)
     loader = ShardLoader(str(data_dir), "train", batch, seed=0)
@@ -25,7 +25,7 @@ def _train_and_export(stage, model, data_dir, run_dir, steps=12, batch=4):
     k = getattr(model.config, "patch_size", 1)
     context = loader.block_len // k if stage == "calm" else loader.block_len
     per_token = train_flops_per_token(model.config, stage, context)
-    params = model.trainable_parameters() if stage == "calm" else list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3)
     run_dir.mkdir(parents=True)
     with (run_dir / "metrics.jsonl").open("w") as fh:
@@ -54,7 +54,7 @@ def _train_and_export(stage, model, data_dir, run_dir, steps=12, batch=4):
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory, tiny_data_dir):
     """{"baseline": run_dir, "autoencoder": run_dir, "calm": run_dir} under one runs/ directory."""
-    from pretrain.models import build_model
+    from pretrain.stages import build_model
 
     vocab = json.loads((tiny_data_dir / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     root = tmp_path_factory.mktemp("runs")

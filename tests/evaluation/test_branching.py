@@ -5,7 +5,7 @@ from transformers import DynamicCache
 
 from evaluation.branching import BranchCache, branch_forward, compact
 from evaluation.calm_brier import CALMSampler, calm_brier
-from pretrain.models import build_model
+from pretrain.stages import build_model
 
 
 def tiny_calm(k):
@@ -72,5 +72,5 @@ def test_calm_sampler_branches_from_the_true_prefix():
     for b, n_valid in ((0, 6), (1, 4)):
         for i in range(n_valid):
             seq = torch.cat([ids[b, : 2 * (i + 1)], fed[b, i]])[None]
-            fresh, _ = model.hidden_states(seq, use_cache=False)
+            fresh, _ = model.backbone(model.chunk_embeddings(seq), use_cache=False)
             assert torch.allclose(seen[1][b, i], fresh[0, -1], atol=1e-10)

@@ -47,8 +47,9 @@ def test_baseline_cli_matches_direct_estimate(tiny_runs, doc_file, tmp_path):
     assert result["model"]["stage"] == "baseline" and result["model"]["params"] > 0
     assert result["data"]["documents"] == 3 and result["data"]["context"] == 48
 
-    from pretrain.models import load_model
     from transformers import AutoTokenizer
+
+    from pretrain.stages import load_model
 
     export = tiny_runs["baseline"] / "export"
     model = load_model("baseline", str(export)).eval()
@@ -98,7 +99,7 @@ def test_generation_speed_is_recorded_for_the_report(tiny_runs, tiny_data_dir, t
 
 
 def test_reconstruction_counts_only_real_tokens(tiny_runs):
-    from pretrain.models import load_model
+    from pretrain.stages import load_model
 
     ae = load_model("autoencoder", str(tiny_runs["autoencoder"] / "export")).eval()
     blocks = [torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n)) for n in (16, 8, 4)]

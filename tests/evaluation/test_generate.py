@@ -6,8 +6,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from evaluation.generate import baseline_generate, calm_generate, main
-from pretrain.models import build_model
+from evaluation.generate import main
+from evaluation.generation import baseline_generate, calm_generate
+from pretrain.stages import build_model
 
 K, V, EOS, PAD = 4, 64, 1, 0
 

@@ -3,7 +3,7 @@
 import torch
 
 from evaluation.brierlm import head_stats
-from pretrain.models import load_model
+from pretrain.stages import load_model
 
 
 def test_bf16_head_stats_use_float32_logits():

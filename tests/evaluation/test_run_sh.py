@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -14,16 +13,11 @@ import pytest
 
 from evaluation.__main__ import main
 from evaluation.results import read_result
+from pretrain.distributed import free_port
 from tests.readme import command
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT = "The lighthouse keeper logged every ship that passed the point, and the storms that kept them in port. "
-
-
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
 
 
 @pytest.mark.slow
@@ -36,7 +30,7 @@ def test_readme_sharded_eval_then_report(tiny_runs, tmp_path):
     # Two ranks instead of eight; the tiny model's context instead of the paper's 2048 steps.
     args = [{"runs/calm-m": str(run), "wiki.jsonl": str(docs)}.get(w, w) for w in words[1:]]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(NPROC="2", OMP_NUM_THREADS="1", MASTER_PORT=_free_port())
+    env.update(NPROC="2", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     proc = subprocess.run([*args, "--context", "32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = read_result(run / "eval" / "wiki-ctx32.json")

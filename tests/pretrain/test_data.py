@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data import (ManifestError, ShardError, ShardLoader, check_compatible, load_tokenizer,
-                           read_manifest)
+from pretrain.data import ManifestError, ShardError, ShardLoader, check_compatible, load_tokenizer, read_manifest
 
 
 def take(loader_iter, n):
@@ -24,8 +23,9 @@ def test_batches_shape_and_properties(tiny_data_dir):
     loader = ShardLoader(tiny_data_dir, "train", batch_size=4)
     batch = next(iter(loader))
     assert batch.dtype == torch.long and batch.shape == (4, loader.block_len) == (4, 64)
-    assert loader.vocab_size == 512 and loader.manifest["block_len"] == 64
-    assert int(batch.max()) < loader.vocab_size
+    vocab = loader.manifest["tokenizer"]["vocab_size"]
+    assert vocab == 512 and loader.manifest["block_len"] == 64
+    assert int(batch.max()) < vocab
 
 
 @pytest.mark.parametrize("n_before", [3, 20])  # 20 crosses an epoch boundary with batch 256
@@ -149,10 +149,14 @@ def test_check_compatible(tiny_data_dir):
     manifest = read_manifest(tiny_data_dir)
     check_compatible(manifest, patch_size=4, vocab_size=512)
     check_compatible(manifest, patch_size=8)
-    with pytest.raises(ManifestError, match="block_len 64 of the data is not a multiple of patch_size K=3"):
+    with pytest.raises(ManifestError, match="block_len 64 of the data is not a multiple of the model's patch size K=3"):
         check_compatible(manifest, patch_size=3)
-    with pytest.raises(ManifestError, match="vocab_size 500 is smaller"):
-        check_compatible(manifest, vocab_size=500)
+    for vocab in (500, 1024):  # one rule everywhere: equal, neither smaller nor larger
+        with pytest.raises(ManifestError, match=f"vocab_size {vocab} but the tokenizer .* has 512 tokens"):
+            check_compatible(manifest, vocab_size=vocab)
+    check_compatible(manifest, tokenizer_sha256=manifest["tokenizer"]["sha256"])
+    with pytest.raises(ManifestError, match="trained on shards of another tokenizer"):
+        check_compatible(manifest, tokenizer_sha256="0" * 64)
 
 
 def test_load_tokenizer_round_trip_and_tamper(tiny_data_dir, data_copy):

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from pretrain.models import Autoencoder, AutoencoderConfig, build_model
+from pretrain.models import Autoencoder, AutoencoderConfig
 from pretrain.models.autoencoder import clamped_kl
+from pretrain.stages import build_model
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, latent_size=8, patch_size=4)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from pretrain.models import CALM, CALMConfig, build_model
+from pretrain.models import CALM, CALMConfig
+from pretrain.stages import build_model
 
 AE = dict(vocab_size=61, hidden_size=32, intermediate_size=64, latent_size=8, patch_size=4)
 CALM_KW = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -66,9 +67,12 @@ def test_step_wise_api_shapes_and_kv_cache_matches_full_pass(ae_dir):
     embeds = model.chunk_embeddings(ids)
     assert embeds.shape == (2, 6, 32)
     full, _ = model.backbone(embeds)
-    hidden, cache = model.hidden_states(ids[:, :16])
-    step, cache = model.hidden_states(ids[:, 16:20], past_key_values=cache)
-    last, _ = model.hidden_states(ids[:, 20:], past_key_values=cache)
+    def read(chunk_ids, cache=None):
+        return model.backbone(model.chunk_embeddings(chunk_ids), past_key_values=cache, use_cache=True)
+
+    hidden, cache = read(ids[:, :16])
+    step, cache = read(ids[:, 16:20], cache)
+    last, _ = read(ids[:, 20:], cache)
     torch.testing.assert_close(torch.cat([hidden, step, last], dim=1), full, atol=1e-5, rtol=1e-5)
     latents = model.sample_latents(full[:, -1], num_samples=3)
     assert latents.shape == (3, 2, 8)
@@ -95,7 +99,7 @@ def test_frozen_autoencoder_gets_no_gradient_and_does_not_change(ae_dir):
     assert all(not p.requires_grad for p in model.ae_model.parameters())
     ae_before = {k: v.clone() for k, v in model.ae_model.state_dict().items()}
     head_before = model.mlp_generator.final_layer.linears[2].weight.clone()
-    trainable = model.trainable_parameters()
+    trainable = [p for p in model.parameters() if p.requires_grad]  # what training's param_groups keeps
     assert {id(p) for p in trainable}.isdisjoint(id(p) for p in model.ae_model.parameters())
     assert len(trainable) + len(list(model.ae_model.parameters())) == len(list(model.parameters()))
     optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)

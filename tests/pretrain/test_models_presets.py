@@ -5,7 +5,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from pretrain.config import load_config
-from pretrain.models import AutoencoderConfig, attention, attn_implementation, baseline_config, build_model
+from pretrain.models import AutoencoderConfig, attention, attn_implementation, baseline_config
+from pretrain.stages import build_model
 
 # Parameter counts reported by the paper (calm.md §4); CALM excludes its autoencoder.
 PAPER_PARAMS = {

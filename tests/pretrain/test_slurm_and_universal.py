@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pretrain.distributed import free_port
 from tests.readme import command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,12 +49,6 @@ exit $rc
 RECORDING_SRUN = '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$SRUN_RECORD"\n'
 
 
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def _shim(directory: Path, text: str) -> Path:
     directory.mkdir()
     (directory / "srun").write_text(text)
@@ -66,7 +60,7 @@ def _slurm_env(shim_dir: Path, nodelist: str, nodes: int, **extra: str) -> dict[
     """The batch script's environment in a `sbatch --nodes N --ntasks-per-node 1` job (it runs on node 0)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
-    env.update(PATH=f"{shim_dir}{os.pathsep}{env['PATH']}", OMP_NUM_THREADS="1", MASTER_PORT=_free_port(),
+    env.update(PATH=f"{shim_dir}{os.pathsep}{env['PATH']}", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
                SLURM_JOB_ID="4242", SLURM_JOBID="4242", SLURM_JOB_NAME="calm", SLURM_JOB_NUM_NODES=str(nodes),
                SLURM_NNODES=str(nodes), SLURM_JOB_NODELIST=nodelist, SLURM_NODELIST=nodelist, SLURM_NODEID="0",
                SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS=str(nodes), SLURM_NTASKS_PER_NODE="1",

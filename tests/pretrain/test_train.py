@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, load_config
+from pretrain.distributed import free_port
 from pretrain.ds_config import build_ds_config
 from pretrain.train import check_compatibility, lr_at
 
@@ -35,12 +35,6 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(cmd: list[str], timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout)
 
@@ -54,7 +48,7 @@ def _train_records(run_dir: Path) -> list[dict]:
 def test_zero3_two_gloo_ranks_train_every_stage(tiny_data_dir, tmp_path):
     """Partitioned parameters, falling loss, frozen AE outside the engine with exact targets, exports
     that reproduce the engine's outputs (autoencoder, baseline) and embed the autoencoder (CALM)."""
-    proc = _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    proc = _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
                  str(WORKER), "stages", str(tiny_data_dir), str(tmp_path)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert proc.stdout.count("stages ok") == 2
@@ -82,7 +76,7 @@ def test_launchers_sigterm_resume_and_world_size_check(tiny_data_dir, tmp_path):
     on one node, stopped by SIGTERM, refused at world 1, resumed by two deepspeed launchers with a
     hostfile (--no_ssh, as two nodes): the interrupted run's losses are bit-identical to the reference."""
     reference = tmp_path / "reference"
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [subprocess.Popen(_train_cmd(tiny_data_dir, reference), cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env=_env(NNODES="2", NODE_RANK=str(r), NPROC="1", MASTER_PORT=port))
@@ -93,7 +87,7 @@ def test_launchers_sigterm_resume_and_world_size_check(tiny_data_dir, tmp_path):
     resumed = tmp_path / "resumed"
     proc = subprocess.Popen(_train_cmd(tiny_data_dir, resumed), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
-                            env=_env(NPROC="2", MASTER_PORT=str(_free_port())))
+                            env=_env(NPROC="2", MASTER_PORT=str(free_port())))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         metrics = resumed / "metrics.jsonl"
@@ -108,14 +102,14 @@ def test_launchers_sigterm_resume_and_world_size_check(tiny_data_dir, tmp_path):
     assert 3 <= stopped_at < 20
     assert [r["step"] for r in _train_records(resumed)] == list(range(1, stopped_at + 1))
 
-    wrong_world = _run(_train_cmd(tiny_data_dir, resumed, "--resume"), MASTER_PORT=str(_free_port()))
+    wrong_world = _run(_train_cmd(tiny_data_dir, resumed, "--resume"), MASTER_PORT=str(free_port()))
     assert wrong_world.returncode == 2, wrong_world.stderr[-3000:]
     assert "written by 2 ranks but this run has 1" in wrong_world.stderr
     assert "ds_to_universal" in wrong_world.stderr
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [subprocess.Popen(_train_cmd(tiny_data_dir, resumed, "--resume"), cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env=_env(LAUNCHER="deepspeed", HOSTFILE=str(hostfile), NNODES="2", NODE_RANK=str(r),
@@ -140,30 +134,41 @@ def _config(tmp_path, data_dir, stage="baseline", *extra):
     return load_config(preset, [f"data.path={data_dir}", f"run_dir={tmp_path / 'run'}", *extra])
 
 
+def _check(config, manifest):
+    from pretrain.stages import get_stage
+
+    check_compatibility(config, get_stage(config.stage).build_config(config.model, config.ae_path), manifest)
+
+
 def test_incompatible_data_and_autoencoder_are_refused_before_training(tiny_data_dir, tmp_path):
     from pretrain.data import read_manifest
     from pretrain.models import AutoencoderConfig
 
     manifest = read_manifest(tiny_data_dir)
-    check_compatibility(_config(tmp_path, tiny_data_dir), manifest)
-    with pytest.raises(ConfigError, match="another tokenizer"):
-        check_compatibility(_config(tmp_path, tiny_data_dir, "baseline", "model.vocab_size=1024"), manifest)
-    with pytest.raises(ConfigError, match="K=3 does not divide"):
-        check_compatibility(_config(tmp_path, tiny_data_dir, "autoencoder", "model.patch_size=3"), manifest)
+    _check(_config(tmp_path, tiny_data_dir), manifest)
+    with pytest.raises(ConfigError, match="vocab_size 1024 but the tokenizer .* has 512 tokens"):
+        _check(_config(tmp_path, tiny_data_dir, "baseline", "model.vocab_size=1024"), manifest)
+    with pytest.raises(ConfigError, match="not a multiple of .*patch size K=3"):
+        _check(_config(tmp_path, tiny_data_dir, "autoencoder", "model.patch_size=3"), manifest)
     with pytest.raises(ConfigError, match="needs ae_path"):
-        check_compatibility(_config(tmp_path, tiny_data_dir, "calm", "ae_path=null"), manifest)
+        _check(_config(tmp_path, tiny_data_dir, "calm", "ae_path=null"), manifest)
     with pytest.raises(ConfigError, match="no config.json"):
-        check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={tmp_path / 'none'}"), manifest)
+        _check(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={tmp_path / 'none'}"), manifest)
+    calm_export = tmp_path / "calm_export"
+    calm_export.mkdir()
+    (calm_export / "config.json").write_text(json.dumps({"model_type": "energy"}))
+    with pytest.raises(ConfigError, match="holds a model of type 'energy', not an autoencoder export"):
+        _check(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={calm_export}"), manifest)
     ae_dir = tmp_path / "ae"
     AutoencoderConfig(vocab_size=512, latent_size=16, patch_size=4).save_pretrained(ae_dir)
     with pytest.raises(ConfigError, match="latent_size: autoencoder 16 vs calm 32"):
-        check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}", "model.latent_size=32"),
+        _check(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}", "model.latent_size=32"),
                             manifest)
     AutoencoderConfig(vocab_size=512, latent_size=32, patch_size=4).save_pretrained(ae_dir)
-    check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}", "model.latent_size=32"), manifest)
+    _check(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}", "model.latent_size=32"), manifest)
     (ae_dir / "training.json").write_text(json.dumps({"data_tokenizer": {"sha256": "0" * 64}}))
     with pytest.raises(ConfigError, match="shards of another tokenizer"):
-        check_compatibility(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}", "model.latent_size=32"),
+        _check(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={ae_dir}", "model.latent_size=32"),
                             manifest)
 
 
@@ -228,7 +233,7 @@ def test_precision_bf16_only_where_the_gpu_has_it(tiny_data_dir, tmp_path, monke
     ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0), ("Tesla V100-SXM2-16GB", None),
 ])
 def test_mfu_peak_table_matches_whole_names(name, peak):
-    from pretrain.logging import peak_tflops_of
+    from pretrain.metrics import peak_tflops_of
 
     assert peak_tflops_of(name) == peak
 
@@ -246,7 +251,7 @@ def test_learning_rate_schedule(tiny_data_dir, tmp_path):
 
 def test_metrics_log_and_wandb_offline_without_api_key(tmp_path, monkeypatch):
     from pretrain.config import WandbConfig
-    from pretrain.logging import MetricsLogger, wandb_mode
+    from pretrain.metrics import MetricsLogger, wandb_mode
 
     dirs = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")
     for name in ("WANDB_API_KEY", "WANDB_MODE", *dirs):

@@ -69,7 +69,8 @@ def case_stages(data_dir: str, out: Path) -> None:
 
     from pretrain.export import export_run
     from pretrain.models import Autoencoder
-    from pretrain.train import Trainer, build_model
+    from pretrain.stages import build_model
+    from pretrain.train import Trainer
 
     world = distributed.init()
     if world.is_main:
@@ -94,7 +95,7 @@ def case_stages(data_dir: str, out: Path) -> None:
             assert all(torch.equal(g, w) for g, w in zip(got, want)), "CALM targets differ from the trained AE"
         if stage == "baseline":
             # Partitioned at construction: the model never existed whole on a rank.
-            model, _ = build_model(config, trainer.ds_config, world.device, torch.float32)
+            model = build_model("baseline", config.model, zero3_config=trainer.ds_config, device=world.device)
             assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters())
             del model
         assert trainer.run() == 0

@@ -3,15 +3,16 @@
 import pytest
 import torch
 
-from evaluation.flops import (
+from pretrain.config import load_config
+from pretrain.models import AutoencoderConfig
+from pretrain.models.flops import (
     calm_ae_config,
     forward_flops_per_token,
     inference_flops_per_token,
     param_count,
     train_flops_per_token,
 )
-from pretrain.config import load_config
-from pretrain.models import AutoencoderConfig, build_config, build_model
+from pretrain.stages import build_model, get_stage
 
 # Inference FLOPs per generated token, Table 1 (calm.md §4): attention at a 2048-position context.
 TABLE1_INFERENCE = {
@@ -24,7 +25,7 @@ TINY_AE = dict(vocab_size=50, hidden_size=16, intermediate_size=24, latent_size=
 
 def _preset(name):
     config = load_config(name)
-    return config.stage, build_config(config.stage, config.model)
+    return config.stage, get_stage(config.stage).build_config(config.model)
 
 
 @pytest.mark.parametrize("preset", sorted(TABLE1_INFERENCE))
@@ -63,14 +64,14 @@ def test_paper_presets_param_formulas_match_meta_models():
         with torch.device("meta"):
             model = build_model(config.stage, kwargs)
         own = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("ae_model."))
-        assert param_count(build_config(config.stage, config.model), config.stage) == own, name
+        assert param_count(get_stage(config.stage).build_config(config.model), config.stage) == own, name
 
 
 def test_training_costs_three_forward_passes_and_calm_head_runs_n_times():
     stage, config = _preset("transformer-s")
     assert train_flops_per_token(config, stage, 2048) == pytest.approx(3 * forward_flops_per_token(config, stage, 2048))
     stage, calm = _preset("calm-m")
-    more = build_config("calm", {**load_config("calm-m").model, "num_samples": 16})
+    more = get_stage("calm").build_config({**load_config("calm-m").model, "num_samples": 16})
     assert train_flops_per_token(more, "calm") > train_flops_per_token(calm, "calm")
     assert forward_flops_per_token(more, "calm") == forward_flops_per_token(calm, "calm")
     # Longer context costs more attention.
@@ -90,9 +91,9 @@ def test_headline_compute_savings_of_calm_m_over_transformer_s():
 def test_calm_config_naming_an_exported_autoencoder_counts_that_autoencoder(tmp_path):
     tiny = AutoencoderConfig(vocab_size=260, hidden_size=64, intermediate_size=128, latent_size=16, patch_size=4)
     tiny.save_pretrained(tmp_path)
-    named = build_config("calm", dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    named = get_stage("calm").build_config(dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=4, latent_size=16, patch_size=4,
                                       num_mlp_layers=1), str(tmp_path))
     assert calm_ae_config(named).hidden_size == 64  # not the paper's 512-wide fallback
-    in_memory = build_config("calm", dict(named.to_dict(), ae_path=None, ae_config=tiny))
+    in_memory = get_stage("calm").build_config(dict(named.to_dict(), ae_path=None, ae_config=tiny))
     assert train_flops_per_token(named, "calm", 64) == train_flops_per_token(in_memory, "calm", 64)
