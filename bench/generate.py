@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m bench.generate [--vocab-size 32000] [--ae-hidden 256] [--new-tokens 128]
         [--batch 1 16] [--collision 0.4] [--repeats 3]
+    OMP_NUM_THREADS=1 python -m bench.generate --trained runs/quickstart     # the quick start's trained models
 
 Random-init models: a Llama backbone of 4 layers, d = 256 (the baseline is that backbone plus its
 LM head) and a CALM with K = 4, l = 128 and an autoencoder of `--ae-hidden` width. The default
@@ -13,7 +14,7 @@ size and temperature, generated tokens/s (best of `--repeats`, interleaved with 
 runs so that a shared machine's changing load hits all alike), backbone forward passes per
 generated token, head draws per chunk, draws decoded per chunk (a call's draws after a row's
 acceptance included), of those the ones that needed the full-vocabulary projection (the rest were
-certified against a reference draw, evaluation/argmax_decode.py), and CALM's speed-up over the
+certified against a reference draw, pretrain/models/argmax_decode.py), and CALM's speed-up over the
 baseline.
 
 The baseline samples through transformers' `generate` (float32, KV cache, pure temperature
@@ -32,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
-from evaluation.generation import baseline_generate, calm_generate
+from evaluation.baseline_generation import baseline_generate
+from pretrain.models.generation import calm_generate
 from pretrain.stages import build_model
 
 BACKBONE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -81,8 +84,66 @@ def timed(fns: list, repeats: int) -> list[tuple[float, object]]:
     return list(zip(best, outs))
 
 
+HEADER = (f"{'model':<22}{'batch':>6}{'T':>6}{'tok/s':>10}{'passes/tok':>12}{'draws/chunk':>13}"
+          f"{'decoded/chunk':>15}{'projected/chunk':>17}{'calls/step':>12}{'capped':>8}{'vs base':>9}")
+
+
+def compare(calm, baseline, prompts: list[list[int]], temperature: float, args) -> None:
+    """One table block: the baseline and CALM's samplers on the same prompts at one temperature.
+    `capped` is the share of chunks where the exact sampler hit its draw cap and fell back to the
+    batch rule over the draws made so far (so those chunks are approximate)."""
+    batch, k = len(prompts), calm.patch_size
+    variants = [("calm exact", dict(sampler="exact", first_round=args.draws_per_call))]
+    if temperature < 1:
+        variants.append((f"calm batch N={args.num_candidates}", dict(sampler="batch", num_candidates=args.num_candidates)))
+    runs = [lambda: baseline_generate(baseline, prompts, args.new_tokens, temperature, eos_token_id=None,
+                                      pad_token_id=0)]
+    runs += [lambda kwargs=kwargs: calm_generate(calm, prompts, args.new_tokens, temperature, eos_token_id=None,
+                                                 **kwargs) for _, kwargs in variants]
+    (secs, out), *calm_runs = timed(runs, args.repeats)
+    base_rate = batch * args.new_tokens / secs
+    print(f"{'baseline (HF generate)':<22}{batch:>6}{temperature:>6}{base_rate:>10.1f}"
+          f"{out.backbone_calls / args.new_tokens:>12.3f}{'-':>13}{'-':>15}{'-':>17}{'-':>12}{'-':>8}{'1.00x':>9}")
+    for (name, _), (secs, out) in zip(variants, calm_runs):
+        rate = batch * args.new_tokens / secs
+        chunks = out.steps * batch
+        print(f"{name:<22}{batch:>6}{temperature:>6}{rate:>10.1f}"
+              f"{out.backbone_calls / args.new_tokens:>12.3f}{out.draws / chunks:>13.2f}"
+              f"{out.decoded / chunks:>15.2f}{out.projected / (chunks * k):>17.2f}"
+              f"{out.calls / out.steps:>12.2f}{out.capped / chunks:>8.1%}{rate / base_rate:>8.2f}x")
+
+
+@torch.no_grad()
+def head_collision(calm, blocks: torch.Tensor, draws: int = 32, seed: int = 0) -> float:
+    """Mean over positions of the probability that two head samples decode to the same chunk (Σ P(x)²
+    at T = 1), estimated from `draws` samples per position of held-out blocks (B, L): the quantity the
+    exact sampler's cost at T = 1/2 depends on (about 1 / collision draws per chunk)."""
+    hidden, _ = calm.backbone(calm.chunk_embeddings(blocks), use_cache=False)
+    hidden = hidden.flatten(0, 1)
+    latents = calm.sample_latents(hidden, draws, generator=torch.Generator().manual_seed(seed)).transpose(0, 1)
+    chunks = calm.decode_latents(latents).view(hidden.shape[0], draws, calm.patch_size)
+    same = (chunks[:, :, None, :] == chunks[:, None, :, :]).all(-1).float()
+    pairs = draws * (draws - 1)
+    return float(((same.sum((1, 2)) - draws) / pairs).mean())
+
+
+def trained_models(run: Path, prompt_len: int, max_prompts: int):
+    """The quick start's trained CALM and baseline (RUN/calm/export, RUN/baseline/export), prompts cut
+    from its held-out shards (RUN/data), and the blocks they came from."""
+    from pretrain.data import ShardLoader
+    from pretrain.stages import load_model
+
+    calm = load_model("calm", run / "calm" / "export").eval()
+    baseline = load_model("baseline", run / "baseline" / "export").eval()
+    blocks = next(iter(ShardLoader(str(run / "data"), "validation", max_prompts, shuffle=False, drop_last=False)))
+    return calm, baseline, blocks
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trained", type=Path, default=None,
+                        help="a quick-start output directory (runs/quickstart): time its trained CALM and "
+                             "baseline on prompts from its held-out split instead of the synthetic models")
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--ae-hidden", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -97,6 +158,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
+    if args.trained:
+        calm, baseline, blocks = trained_models(args.trained, args.prompt_len, max(args.batch))
+        collision = head_collision(calm, blocks[:8])
+        print(f"# threads={torch.get_num_threads()} trained quick-start models from {args.trained}: CALM "
+              f"{calm.config.num_hidden_layers}x{calm.config.hidden_size}, K={calm.patch_size}, vocab "
+              f"{calm.config.vocab_size}; {args.new_tokens} new tokens after {args.prompt_len}-token held-out "
+              f"prompts; head collision Σp² (T=1, mean over held-out positions) = {collision:.3f}")
+        prompt_rows = blocks[:, : args.prompt_len].tolist()
+    else:
+        calm, baseline = synthetic_models(args)
+        print(f"# threads={torch.get_num_threads()} vocab={args.vocab_size} backbone 4x256, AE width {args.ae_hidden}, "
+              f"K={calm.patch_size}, {args.new_tokens} new tokens after {args.prompt_len}-token prompts, "
+              f"collision Σp²={args.collision}")
+        gen = torch.Generator().manual_seed(1)
+        prompt_rows = torch.randint(2, args.vocab_size, (max(args.batch), args.prompt_len), generator=gen).tolist()
+    print(HEADER)
+    for batch in args.batch:
+        for temperature in args.temperature:
+            compare(calm, baseline, prompt_rows[:batch], temperature, args)
+
+
+def synthetic_models(args):
     vocab = args.vocab_size
     baseline = build_model("baseline", dict(BACKBONE, vocab_size=vocab), device="cpu").eval()
     ae = dict(vocab_size=vocab, hidden_size=args.ae_hidden, intermediate_size=int(2.5 * args.ae_hidden),
@@ -104,34 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     calm = build_model("calm", dict(BACKBONE, vocab_size=vocab, latent_size=128, patch_size=4, num_mlp_layers=1,
                                     ae_config=ae), device="cpu").eval()
     synthetic_head(calm, args.collision)
-    k = calm.patch_size
-    print(f"# threads={torch.get_num_threads()} vocab={vocab} backbone 4x256, AE width {args.ae_hidden}, K={k}, "
-          f"{args.new_tokens} new tokens after {args.prompt_len}-token prompts, collision Σp²={args.collision}")
-    print(f"{'model':<22}{'batch':>6}{'T':>6}{'tok/s':>10}{'passes/tok':>12}{'draws/chunk':>13}"
-          f"{'decoded/chunk':>15}{'projected/chunk':>17}{'calls/step':>12}{'capped':>8}{'vs base':>9}")
-    gen = torch.Generator().manual_seed(1)
-    for batch in args.batch:
-        prompts = torch.randint(2, vocab, (batch, args.prompt_len), generator=gen).tolist()
-        for temperature in args.temperature:
-            variants = [("calm exact", dict(sampler="exact", first_round=args.draws_per_call))]
-            if temperature < 1:
-                variants.append((f"calm batch N={args.num_candidates}",
-                                 dict(sampler="batch", num_candidates=args.num_candidates)))
-            runs = [lambda: baseline_generate(baseline, prompts, args.new_tokens, temperature, eos_token_id=None,
-                                              pad_token_id=0)]
-            runs += [lambda kwargs=kwargs: calm_generate(calm, prompts, args.new_tokens, temperature,
-                                                         eos_token_id=None, **kwargs) for _, kwargs in variants]
-            (secs, out), *calm_runs = timed(runs, args.repeats)
-            base_rate = batch * args.new_tokens / secs
-            print(f"{'baseline (HF generate)':<22}{batch:>6}{temperature:>6}{base_rate:>10.1f}"
-                  f"{out.backbone_calls / args.new_tokens:>12.3f}{'-':>13}{'-':>15}{'-':>17}{'-':>12}{'-':>8}{'1.00x':>9}")
-            for (name, _), (secs, out) in zip(variants, calm_runs):
-                rate = batch * args.new_tokens / secs
-                print(f"{name:<22}{batch:>6}{temperature:>6}{rate:>10.1f}"
-                      f"{out.backbone_calls / args.new_tokens:>12.3f}{out.draws / (out.steps * batch):>13.2f}"
-                      f"{out.decoded / (out.steps * batch):>15.2f}{out.projected / (out.steps * batch * k):>17.2f}"
-                      f"{out.calls / out.steps:>12.2f}"
-                      f"{out.capped:>8}{rate / base_rate:>8.2f}x")
+    return calm, baseline
+
 
 if __name__ == "__main__":
     main()

@@ -157,7 +157,8 @@ def measure_generation(model, stage: str, blocks: list[torch.Tensor], args) -> d
     """Sampling speed: `--gen-tokens` new tokens after the first 32 tokens of each of the first
     `--gen-batch` blocks, at `--gen-temperature` (CALM: exact sampler; baseline: transformers' generate),
     timed on a second identical call."""
-    from evaluation.generation import baseline_generate, calm_generate
+    from evaluation.baseline_generation import baseline_generate
+    from pretrain.models.generation import calm_generate
 
     prompts = [b[:GEN_PROMPT_TOKENS].tolist() for b in blocks[: args.gen_batch]]
     if len(prompts) < args.gen_batch:

@@ -7,8 +7,10 @@
 The kind of model is read from DIR/config.json (model_type "energy" = CALM, "llama" = baseline); the
 tokenizer is looked for in DIR, DIR/tokenizer, then DIR/.. (or --tokenizer). One prompt streams its
 text as it is generated; several prompts run as one batch and print when done. The baseline goes
-through transformers' `generate` (pure temperature sampling: no top-k, no top-p); CALM through
-`calm_generate`, which samples chunks at temperature T without likelihoods (evaluation/sampling.py).
+through transformers' `generate` (pure temperature sampling: no top-k, no top-p); CALM through its own
+`generate()` (the same interface), which samples chunks at temperature T without likelihoods
+(pretrain/models/sampling.py): exactly, unless a chunk needs more than --max-draws head draws ("capped"):
+that chunk is then chosen by the batch rule among the draws made so far.
 
 Every prompt is read as the start of a document: the document separator (EOS; the data packs
 documents as `doc <eos> doc <eos>`) is put in front of it for both kinds of model.
@@ -24,51 +26,102 @@ from pathlib import Path
 import torch
 
 from evaluation.export_dir import find_tokenizer_dir, load_generator
-from evaluation.generation import baseline_generate, calm_generate
 from evaluation.terminal_stream import TerminalStream
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="exported model directory (CALM or baseline)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.5)
-    parser.add_argument("--sampler", choices=("exact", "batch"), default="exact", help="CALM only")
+    parser.add_argument("--temperature", type=float, default=0.5,
+                        help="sampling temperature: (0, 1] for CALM (exact), > 0 for the baseline")
+    parser.add_argument("--sampler", choices=("exact", "batch"), default="exact",
+                        help="CALM only: 'exact' samples P^(1/T) exactly; 'batch' is the authors' approximation")
     parser.add_argument("--num-candidates", type=int, default=200, help="CALM batch sampler: draws per chunk")
-    parser.add_argument("--max-draws", type=int, default=1000, help="CALM exact sampler: draw cap per chunk")
+    parser.add_argument("--max-draws", type=int, default=1000,
+                        help="CALM exact sampler: draws per chunk before it is 'capped', i.e. falls back to the "
+                             "batch rule over the draws made so far (counted in the summary line)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="tokenizer directory if not saved with the model")
     parser.add_argument("--ae-path", help="CALM: autoencoder directory for checkpoints whose config lacks ae_config")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be > 0 (CALM: in (0, 1]), got {args.temperature}")
+    for name in ("num_candidates", "max_draws"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def _batch(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask), as transformers' generate expects."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def generate(model, kind: str, tokenizer, prompts: list[list[int]], args, stream) -> tuple[torch.Tensor, str]:
+    """The model's own `generate()` for both kinds; returns (new tokens (B, N), a cost note for CALM)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = _batch(prompts, pad)
+    ids, mask = ids.to(args.device), mask.to(args.device)
+    common = dict(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, streamer=stream)
+    if kind == "calm":
+        out = model.generate(ids, attention_mask=mask, seed=args.seed, sampler=args.sampler,
+                             max_draws=args.max_draws, num_candidates=args.num_candidates,
+                             return_dict_in_generate=True, **common)
+        return out.new_tokens, f", {out.draws} head draws, {out.capped} capped chunks, {out.backbone_calls} backbone passes"
+    limit = model.config.max_position_embeddings
+    if ids.shape[1] + args.max_new_tokens > limit:
+        raise ValueError(f"a prompt of {ids.shape[1]} tokens plus {args.max_new_tokens} new tokens exceeds the "
+                         f"model's {limit} positions: shorten the prompt or --max-new-tokens")
+    torch.manual_seed(args.seed)
+    out = model.generate(ids, attention_mask=mask, top_k=0, top_p=1.0, **common)
+    return out[:, ids.shape[1]:], ""
+
+
+def _lengths(new: torch.Tensor, eos: int | None) -> list[int]:
+    """Tokens up to and including each row's first EOS."""
+    rows = new.tolist()
+    return [row.index(eos) + 1 if eos in row else len(row) for row in rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from transformers import AutoTokenizer
 
-    model_dir = Path(args.model)
-    model, kind = load_generator(model_dir, args.ae_path, args.device)
-    tokenizer = AutoTokenizer.from_pretrained(find_tokenizer_dir(model_dir, args.tokenizer))
-    eos = tokenizer.eos_token_id
-    boundary = [eos] if eos is not None else []
-    prompts = [boundary + tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
-    stream = TerminalStream(tokenizer, prompts[0]) if len(prompts) == 1 else None
-    start = time.perf_counter()
-    if kind == "calm":
-        out = calm_generate(model, prompts, args.max_new_tokens, args.temperature, args.sampler, eos,
-                            tokenizer.pad_token_id, args.seed, args.num_candidates, args.max_draws, on_tokens=stream)
-        if stream is not None:
-            stream.end()
-    else:
-        out = baseline_generate(model, prompts, args.max_new_tokens, args.temperature, eos,
-                                tokenizer.pad_token_id, args.seed, streamer=stream)
+    try:
+        model_dir = Path(args.model)
+        model, kind = load_generator(model_dir, args.ae_path, args.device)
+        tokenizer = AutoTokenizer.from_pretrained(find_tokenizer_dir(model_dir, args.tokenizer))
+        if kind == "calm" and args.temperature > 1:
+            raise ValueError(f"CALM samples at temperatures in (0, 1], got --temperature {args.temperature}")
+        eos = tokenizer.eos_token_id
+        boundary = [eos] if eos is not None else []
+        prompts = [boundary + tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
+        stream = TerminalStream(tokenizer, prompts[0]) if len(prompts) == 1 else None
+        start = time.perf_counter()
+        new, note = generate(model, kind, tokenizer, prompts, args, stream)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
+    lengths = _lengths(new, eos)
     if stream is None:
-        for prompt, row, n in zip(prompts, out.sequences, out.lengths):
-            print(tokenizer.decode(prompt + row[: int(n)].tolist(), skip_special_tokens=True))
+        for prompt, row, n in zip(prompts, new.tolist(), lengths):
+            print(tokenizer.decode(prompt + row[:n], skip_special_tokens=True))
             print("-" * 40)
-    total = int(out.lengths.sum())
-    extra = f", {out.draws} head draws, {out.capped} capped chunks" if kind == "calm" else ""
-    print(f"[{kind}] {total} tokens in {seconds:.2f}s ({total / max(seconds, 1e-9):.1f} tok/s), "
-          f"{out.backbone_calls} backbone passes{extra}", file=sys.stderr)
+    total = sum(lengths)
+    print(f"[{kind}] {total} tokens in {seconds:.2f}s ({total / max(seconds, 1e-9):.1f} tok/s){note}", file=sys.stderr)
     return 0
 
 

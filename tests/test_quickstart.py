@@ -76,7 +76,7 @@ def test_quickstart_small_produces_a_sane_report(quickstart_out):
 @pytest.mark.slow
 def test_trained_calm_generates_k_tokens_per_backbone_step_and_stops_at_eos(quickstart_out):
     from evaluation.export_dir import load_generator
-    from evaluation.generation import calm_generate
+    from pretrain.models.generation import calm_generate
 
     model, kind = load_generator(quickstart_out / "calm" / "export")
     assert kind == "calm"

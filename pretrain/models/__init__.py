@@ -13,7 +13,7 @@ config.json files resolve through AutoConfig too.
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from pretrain.models.attention import attn_implementation
 from pretrain.models.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderOutput
@@ -30,3 +30,4 @@ AutoConfig.register(AutoencoderConfig.model_type, AutoencoderConfig, exist_ok=Tr
 AutoModel.register(AutoencoderConfig, Autoencoder, exist_ok=True)
 AutoConfig.register(CALMConfig.model_type, CALMConfig, exist_ok=True)
 AutoModel.register(CALMConfig, CALM, exist_ok=True)
+AutoModelForCausalLM.register(CALMConfig, CALM, exist_ok=True)

@@ -32,8 +32,9 @@ from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
-from pretrain.models.autoencoder import Autoencoder, AutoencoderConfig
-from pretrain.models.energy import MLPGenerator, energy_loss
+from .autoencoder import Autoencoder, AutoencoderConfig
+from .energy import MLPGenerator, energy_loss
+from .generation_mixin import CALMGenerationMixin
 
 
 class CALMConfig(LlamaConfig):
@@ -102,8 +103,9 @@ def _resolve_ae_config(config: CALMConfig) -> AutoencoderConfig:
     return ae_config
 
 
-class CALM(PreTrainedModel):
-    """Continuous autoregressive LM with an energy head. See the module docstring for the API."""
+class CALM(PreTrainedModel, CALMGenerationMixin):
+    """Continuous autoregressive LM with an energy head. See the module docstring for the API;
+    `generate()` (transformers' interface, likelihood-free sampling) comes from CALMGenerationMixin."""
 
     config_class = CALMConfig
     base_model_prefix = "calm"

@@ -23,8 +23,8 @@ from typing import Any
 
 from transformers import LlamaConfig, PreTrainedConfig
 
-from pretrain.models.autoencoder import AutoencoderConfig
-from pretrain.models.calm import CALMConfig
+from .autoencoder import AutoencoderConfig
+from .calm import CALMConfig
 
 PAPER_CONTEXT = 2048
 ConfigLike = PreTrainedConfig | dict[str, Any]

@@ -1,13 +1,16 @@
 """Generation mechanics on tiny random CALMs: K tokens per backbone pass, an uncorrupted context for
 prompts of any length, per-row EOS, and the CLI for both model kinds."""
 
+import json
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from evaluation.baseline_generation import baseline_generate
 from evaluation.generate import main
-from evaluation.generation import baseline_generate, calm_generate
+from pretrain.models.generation import calm_generate
 from pretrain.stages import build_model
 
 K, V, EOS, PAD = 4, 64, 1, 0
@@ -154,6 +157,16 @@ def test_cli_generates_from_exported_calm_and_baseline(tmp_path, capsys):
     assert len(texts[0]) <= 2 + 5 and len(texts[1]) <= 1 + 5
     assert "[baseline]" in captured.err
 
+    # Refused with one line, before any sampling: a CALM temperature above 1, a prompt past the positions.
+    assert main(["--model", str(calm_dir), "--prompt", "w5", "--temperature", "2"]) == 2
+    assert "temperatures in (0, 1]" in capsys.readouterr().err
+    positions = json.loads((calm_dir / "config.json").read_text())["max_position_embeddings"]
+    long_prompt = " ".join(["w5"] * (4 * positions))
+    for model_dir in (calm_dir, base_dir):
+        assert main(["--model", str(model_dir), "--prompt", long_prompt, "--max-new-tokens", "4"]) == 2
+        err = capsys.readouterr().err
+        assert "positions" in err and "Traceback" not in err, err[-500:]
+
 
 def test_baseline_generate_counts_one_pass_per_token():
     torch.manual_seed(0)
@@ -165,14 +178,27 @@ def test_baseline_generate_counts_one_pass_per_token():
     assert out.backbone_calls == 6
 
 
-def test_cli_rejects_a_directory_without_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        main(["--model", str(tmp_path), "--prompt", "x"])
+def test_cli_rejects_a_directory_without_config(tmp_path, capsys):
+    assert main(["--model", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "config.json not found" in err[-1] and "Traceback" not in "".join(err)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "-1"], "--temperature must be > 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--max-draws", "0"], "--max-draws must be >= 1"),
+])
+def test_cli_refuses_bad_flags_before_loading(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path), "--prompt", "x", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("shortlist", [1, 16])
 def test_screened_argmax_decoder_matches_float32_decoding(shortlist):
-    from evaluation.argmax_decode import ArgmaxDecoder
+    from pretrain.models.argmax_decode import ArgmaxDecoder
 
     torch.manual_seed(1)
     ae = dict(vocab_size=3000, hidden_size=64, intermediate_size=128, latent_size=8, patch_size=K)
@@ -193,7 +219,7 @@ def test_screened_argmax_decoder_matches_float32_decoding(shortlist):
 
 
 def test_draws_certified_against_references_match_float32_decoding():
-    from evaluation.argmax_decode import ArgmaxDecoder, StreamMemory
+    from pretrain.models.argmax_decode import ArgmaxDecoder, StreamMemory
 
     torch.manual_seed(2)
     ae = dict(vocab_size=3000, hidden_size=64, intermediate_size=128, latent_size=8, patch_size=K)
@@ -235,8 +261,8 @@ def test_generation_is_the_same_with_and_without_certified_decoding():
 
 
 def test_pair_decoding_matches_float32_decoding_on_near_ties():
-    from evaluation.argmax_decode import ArgmaxDecoder, StreamMemory
-    from evaluation.sampling import first_equal_pair
+    from pretrain.models.argmax_decode import ArgmaxDecoder, StreamMemory
+    from pretrain.models.sampling import first_equal_pair
 
     torch.manual_seed(5)
     ae = dict(vocab_size=3000, hidden_size=64, intermediate_size=128, latent_size=8, patch_size=K)

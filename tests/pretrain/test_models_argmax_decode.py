@@ -3,7 +3,7 @@ replaces the full float32 projection on near-ties, and the prepacked bf16 screen
 
 import torch
 
-from evaluation.argmax_decode import ArgmaxDecoder
+from pretrain.models.argmax_decode import ArgmaxDecoder
 from pretrain.stages import build_model
 
 K, V, D = 4, 300, 64

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from evaluation.argmax_decode import ArgmaxDecoder, StreamMemory
-from evaluation.sampling import SampleResult, batch_sample, exact_sample
+from .argmax_decode import ArgmaxDecoder, StreamMemory
+from .sampling import SampleResult, batch_sample, exact_sample
 
 TokenCallback = Callable[[list[list[int]]], None]
 
@@ -50,7 +50,7 @@ class GenerationOutput:
     """Chunk positions decoded through the full-vocabulary projection (the rest were certified cheaply)."""
 
 
-def _special_ids(model, eos_token_id: int | None, pad_token_id: int | None) -> tuple[int | None, int]:
+def special_ids(model, eos_token_id: int | None, pad_token_id: int | None) -> tuple[int | None, int]:
     """(eos, pad): EOS defaults to the model config's; padding to EOS, or 0 without one."""
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
     pad = pad_token_id if pad_token_id is not None else (eos if eos is not None else 0)
@@ -219,7 +219,7 @@ def calm_generate(model, prompts: list[list[int]], max_new_tokens: int, temperat
     every step, each row's newly generated tokens (empty for finished rows).
     """
     _check_calm_args(prompts, max_new_tokens, temperature, sampler)
-    eos, pad = _special_ids(model, eos_token_id, pad_token_id)
+    eos, pad = special_ids(model, eos_token_id, pad_token_id)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     decoder = ArgmaxDecoder(model) if screened_decode else None
@@ -259,40 +259,3 @@ def calm_generate(model, prompts: list[list[int]], max_new_tokens: int, temperat
                             steps=cost.steps, draws=cost.draws, capped=cost.capped, decoded=cost.decoded,
                             calls=cost.calls,
                             projected=decoder.projected if decoder is not None else cost.decoded * model.patch_size)
-
-
-@torch.no_grad()
-def baseline_generate(
-    model,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-    seed: int = 0,
-    streamer=None,
-) -> GenerationOutput:
-    """Temperature sampling from a `LlamaForCausalLM` through transformers' `generate` (left padding,
-    no top-k/top-p, so it samples P^(1/T)/Z like the CALM samplers). One forward pass per token."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    eos, pad = _special_ids(model, eos_token_id, pad_token_id)
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        attention[row, width - len(p):] = 1
-    torch.manual_seed(seed)
-    generated = model.generate(
-        input_ids=ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=pad,
-        streamer=streamer,
-    )[:, width:]
-    out = torch.full((len(prompts), max_new_tokens), pad, dtype=torch.long, device=device)
-    out[:, : generated.shape[1]] = generated
-    is_eos = out == eos if eos is not None else torch.zeros_like(out, dtype=torch.bool)
-    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, generated.shape[1])
-    return GenerationOutput(sequences=out, lengths=first_eos, backbone_calls=generated.shape[1],
-                            steps=generated.shape[1], draws=0, capped=0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from evaluation.sampling import batch_sample, batch_select, exact_sample, split_temperature
+from pretrain.models.sampling import batch_sample, batch_select, exact_sample, split_temperature
 
 P = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], dtype=torch.float64)
 # distinct 3-token chunks; some share prefixes so prefix constraints have something to filter
