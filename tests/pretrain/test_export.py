@@ -24,9 +24,14 @@ from pretrain.stages import build_model
 
 PROMPT = "The history of the city"
 
+PREVIOUS_TRANSFORMERS = "5.22.2"
+"""The minor release before the pinned one: exports must load there too."""
+
 ISOLATED = r'''
-import json, sys
+import json, os, sys
 from pathlib import Path
+if os.environ.get("TRANSFORMERS_SITE"):  # another transformers release, installed on its own
+    sys.path.insert(0, os.environ["TRANSFORMERS_SITE"])
 for name in ("pretrain", "evaluation", "data_prep"):
     try:
         __import__(name)
@@ -36,8 +41,9 @@ for name in ("pretrain", "evaluation", "data_prep"):
 import torch
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, TextStreamer,
                           pipeline)
+import transformers
 root, task = Path(sys.argv[1]), sys.argv[2]
-report = {}
+report = {"transformers": transformers.__version__}
 if task == "remote":
     ae = AutoModel.from_pretrained(root / "ae", trust_remote_code=True)
     report["ae_class"] = type(ae).__name__
@@ -67,15 +73,16 @@ print("REPORT " + json.dumps(report))
 '''
 
 
-def run_isolated(tmp_path: Path, *args: str) -> dict:
+def run_isolated(tmp_path: Path, *args: str, site: Path | None = None) -> dict:
     """Run the loader script with `python -I` (no PYTHONPATH, no script or working directory on sys.path)
-    from an empty directory, offline."""
+    from an empty directory, offline; `site` puts another transformers release first on its path."""
     script = tmp_path / "isolated.py"
     script.write_text(ISOLATED)
     work = tmp_path / "elsewhere"
     work.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1",
+               TRANSFORMERS_SITE=str(site or ""))
     proc = subprocess.run([sys.executable, "-I", str(script), *args], cwd=work, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -93,8 +100,21 @@ def _quickstart_sized(vocab: int):
     return ae.eval(), calm.eval()
 
 
+@pytest.fixture(scope="session")
+def previous_transformers(tmp_path_factory) -> Path:
+    """transformers PREVIOUS_TRANSFORMERS alone (no dependencies: the pinned ones serve), from PyPI."""
+    site = tmp_path_factory.mktemp("transformers_prev")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                           f"transformers=={PREVIOUS_TRANSFORMERS}"], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot install transformers {PREVIOUS_TRANSFORMERS} from the package index: "
+                    f"{proc.stderr.strip().splitlines()[-1:]}")
+    return site
+
+
 @pytest.mark.slow
-def test_remote_code_exports_load_and_generate_without_the_project(tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("release", ["pinned", "previous"])
+def test_remote_code_exports_load_and_generate_without_the_project(tiny_data_dir, tmp_path, release, request):
     tokenizer = load_tokenizer(tiny_data_dir)
     ae, calm = _quickstart_sized(len(tokenizer))
     exports = tmp_path / "exports"
@@ -108,8 +128,12 @@ def test_remote_code_exports_load_and_generate_without_the_project(tiny_data_dir
         out = calm_generate(calm, [ids], 24, float(t), seed=7, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
         expected[t] = ids + out.sequences[0].tolist()
-    result = run_isolated(tmp_path, str(copied), "remote", PROMPT)
+    site = request.getfixturevalue("previous_transformers") if release == "previous" else None
+    result = run_isolated(tmp_path, str(copied), "remote", PROMPT, site=site)
     report = result["report"]
+    import transformers
+
+    assert report["transformers"] == (PREVIOUS_TRANSFORMERS if site else transformers.__version__)
     assert (report["ae_class"], report["calm_config"], report["calm_model"]) == ("Autoencoder", "CALMConfig", "CALM")
     assert report["pipeline"] == expected
     assert PROMPT in result["stdout"]  # TextStreamer printed the prompt and what followed
