@@ -13,8 +13,13 @@ Writes into --out:
 - `report.md`: one table row per result (params, train FLOPs, inference FLOPs/token, BrierLM ± se,
   Brier-1..4, generation speed when measured, data and context), the AE fidelity table, the plots;
 - `report.json`: the same rows and curves as data (`"schema": "calm-report/1"`);
-- `frontier.png` (BrierLM vs training FLOPs, baselines vs CALM), `brier_n.png` (Brier-1..4 per model),
-  `training_curves.png` (loss vs tokens and vs FLOPs, one row per stage), `ae_robustness.png`.
+- `frontier_N.png`, one per evaluation set and context (BrierLM vs training FLOPs, one line per model
+  family: the baseline, CALM at each K), `brier_n.png` (Brier-1..4 per model, labelled with data and
+  context), `training_curves.png` (loss vs tokens and vs FLOPs, one row per stage; the autoencoder's
+  cross-entropy on both sides), `ae_robustness.png`.
+
+A result older than the model it scores, or made at another context than the model's training
+block length, is kept in the table with a note and left out of the plots.
 """
 
 from __future__ import annotations
@@ -31,27 +36,30 @@ STAGE_ORDER = ("baseline", "calm", "autoencoder")
 
 
 def read_metrics(path: Path) -> list[dict]:
-    records = []
+    """The records of a metrics.jsonl, one per (split, step): where a file from before resumes
+    dropped their repeated steps holds one twice, the later record wins."""
+    records = {}
     for lineno, record in read_jsonl(path):
         if not isinstance(record, dict) or "step" not in record:
             raise ValueError(f"{path}:{lineno}: expected a metrics record with a 'step' key")
-        records.append(record)
-    return records
+        records[record.get("split", "train"), record["step"]] = record
+    return list(records.values())
 
 
-def curves(records: list[dict]) -> dict:
-    """Train and validation loss against tokens and training FLOPs."""
-    train = [r for r in records if r.get("split", "train") == "train" and "loss" in r and "tokens_seen" in r]
-    val = [r for r in records if r.get("split") == "validation" and "loss" in r and "tokens_seen" in r]
+def curves(records: list[dict], key: str = "loss") -> dict:
+    """Train and validation `key` against tokens and training FLOPs (the autoencoder's curves use its
+    cross-entropy, "ce", on both sides: its training loss adds a weighted KL that validation does not)."""
+    train = [r for r in records if r.get("split", "train") == "train" and r.get(key) is not None and "tokens_seen" in r]
+    val = [r for r in records if r.get("split") == "validation" and r.get(key) is not None and "tokens_seen" in r]
     with_flops = [r for r in train if r.get("train_flops") and r["tokens_seen"]]
     per_token = with_flops[-1]["train_flops"] / with_flops[-1]["tokens_seen"] if with_flops else None
 
     def series(rs):
         return {"step": [r["step"] for r in rs], "tokens": [r["tokens_seen"] for r in rs],
                 "flops": [r["tokens_seen"] * per_token for r in rs] if per_token else None,
-                "loss": [r["loss"] for r in rs]}
+                "loss": [r[key] for r in rs]}
 
-    return {"train": series(train), "validation": series(val),
+    return {"quantity": key, "train": series(train), "validation": series(val),
             "train_flops": max((r["train_flops"] for r in with_flops), default=None),
             "tokens_seen": max((r["tokens_seen"] for r in train), default=None)}
 
@@ -91,7 +99,9 @@ def _stage_of_run(run_dir: Path) -> str | None:
 
 
 def _run(run_dir: Path, stage: str | None, name: str) -> dict:
-    return {"name": name, "stage": stage, "run_dir": str(run_dir), **curves(read_metrics(run_dir / "metrics.jsonl"))}
+    records = read_metrics(run_dir / "metrics.jsonl")
+    key = "ce" if stage == "autoencoder" and any("ce" in r for r in records if r.get("split") == "train") else "loss"
+    return {"name": name, "stage": stage, "run_dir": str(run_dir), **curves(records, key)}
 
 
 def _row(result: dict, path: Path, run_dir: Path | None) -> dict:
@@ -106,8 +116,36 @@ def _row(result: dict, path: Path, run_dir: Path | None) -> dict:
         "inference_flops_per_token": model["inference_flops_per_token"],
         "data": Path(data["source"]).name + (f":{data['split']}" if data.get("split") else ""),
         "context": data["context"], "brierlm": result["brierlm"], "reconstruction": result["reconstruction"],
-        "tokens_per_second": gen.get("tokens_per_second"),
+        "tokens_per_second": gen.get("tokens_per_second"), "flag": _flag(result),
     }
+
+
+def _flag(result: dict) -> str | None:
+    """Why a result should not stand beside the others: older than the model it scores, or scored at
+    another context than the model was trained on. None when it is current."""
+    from datetime import datetime
+
+    model_file = Path(result["model"]["path"]) / "model.safetensors"
+    created = result.get("created")
+    if created and model_file.is_file():
+        made = datetime.fromisoformat(created).timestamp()
+        if made < model_file.stat().st_mtime - 1:
+            return "older than the model"
+    training = Path(result["model"]["path"]) / "training.json"
+    if training.is_file():
+        trained = json.loads(training.read_text()).get("block_len")
+        if trained and result["data"].get("context") != trained:
+            return f"context {result['data'].get('context')} ≠ trained {trained}"
+    return None
+
+
+def family(row: dict) -> str:
+    """One line per model family on a frontier: the kind of model and, for CALM, its K."""
+    return FAMILY[row["stage"]] + (f" K={row['patch_size']}" if row["stage"] == "calm" else "")
+
+
+def eval_set(row: dict) -> str:
+    return f"{row['data']}, context {row['context']}"
 
 
 def _num(x: float | None, fmt: str = ".3g") -> str:
@@ -133,9 +171,11 @@ def plot_all(rows: list[dict], runs: list[dict], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lm_rows = [r for r in rows if r["brierlm"]]
+    lm_rows = [r for r in rows if r["brierlm"] and not r["flag"]]
+    sets = sorted({eval_set(r) for r in lm_rows})
     made = [
-        _plot_frontier(plt, [r for r in lm_rows if r["train_flops"]], out),
+        *(_plot_frontier(plt, [r for r in lm_rows if r["train_flops"] and eval_set(r) == name], name,
+                         out / f"frontier_{i + 1}.png") for i, name in enumerate(sets)),
         _plot_brier_n(plt, lm_rows, out),
         _plot_training_curves(plt, [r for r in runs if r["train"]["loss"]], out),
         _plot_ae_robustness(plt, [r for r in rows if r["reconstruction"]], out),
@@ -143,22 +183,32 @@ def plot_all(rows: list[dict], runs: list[dict], out: Path) -> list[str]:
     return [name for name in made if name is not None]
 
 
-def _plot_frontier(plt, frontier: list[dict], out: Path) -> str | None:
-    """BrierLM against training FLOPs, one line per family (baseline, CALM)."""
+def _plot_frontier(plt, frontier: list[dict], name: str, path: Path) -> str | None:
+    """BrierLM against training FLOPs on one evaluation set and context, one line per model family."""
     if not frontier:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for stage, marker in (("baseline", "o"), ("calm", "s")):
-        pts = [(r["train_flops"], r["brierlm"]["brierlm"], r) for r in frontier if r["stage"] == stage]
-        pts.sort(key=lambda p: p[0])
-        if not pts:
-            continue
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, fam in enumerate(sorted({family(r) for r in frontier})):
+        pts = sorted(((r["train_flops"], r["brierlm"]["brierlm"], r) for r in frontier if family(r) == fam),
+                     key=lambda p: p[0])
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2]["brierlm"]["brierlm_se"] for p in pts],
-                    marker=marker, label=FAMILY[stage], capsize=3)
+                    marker="os^vD"[i % 5], label=fam, capsize=3)
         for f, b, r in pts:
             ax.annotate(r["name"], (f, b), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log")
-    return _save_single(fig, ax, out / "frontier.png", "training FLOPs", "BrierLM", "Performance-compute frontier")
+    _flops_axis(ax, [r["train_flops"] for r in frontier])
+    return _save_single(fig, ax, path, "training FLOPs", "BrierLM (± 1 s.e.)", f"BrierLM vs training compute\n{name}")
+
+
+def _flops_axis(ax, flops: list[float]) -> None:
+    """A log axis over a wide range; over a narrow one (compute-matched models) a linear axis with room
+    on both sides, ticks in units of 1e<exponent>, so the points do not sit on the frame."""
+    low, high = min(flops), max(flops)
+    if high > 3 * low:
+        ax.set_xscale("log")
+        return
+    span = max(high - low, 0.05 * high)
+    ax.set_xlim(low - 0.6 * span, high + 0.6 * span)
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0), useOffset=False)
 
 
 def _plot_brier_n(plt, lm_rows: list[dict], out: Path) -> str | None:
@@ -169,7 +219,8 @@ def _plot_brier_n(plt, lm_rows: list[dict], out: Path) -> str | None:
     width = 0.8 / len(lm_rows)
     for i, r in enumerate(lm_rows):
         xs = [n + (i - (len(lm_rows) - 1) / 2) * width for n in range(4)]
-        ax.bar(xs, r["brierlm"]["brier_n"], width, yerr=r["brierlm"]["brier_n_se"], capsize=2, label=r["name"])
+        ax.bar(xs, r["brierlm"]["brier_n"], width, yerr=r["brierlm"]["brier_n_se"], capsize=2,
+               label=f"{r['name']} ({r['stage']}) · {eval_set(r)}")
     ax.set_xticks(range(4), [f"Brier-{n}" for n in range(1, 5)])
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_title("Brier-n per model")
@@ -193,7 +244,8 @@ def _plot_training_curves(plt, curve_runs: list[dict], out: Path) -> str | None:
                         ax.plot(r["validation"][key], r["validation"]["loss"], "o--", color=line.get_color(),
                                 label=f"{r['name']} validation", markersize=3)
             ax.set_xlabel(label)
-            ax.set_ylabel(f"{stage} loss")
+            quantity = {str(r["quantity"]) for r in curve_runs if str(r["stage"]) == stage}
+            ax.set_ylabel(f"{stage} " + ("cross-entropy" if quantity == {"ce"} else "loss"))
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=7)
@@ -239,8 +291,8 @@ def markdown(rows: list[dict], runs: list[dict], plots: list[str]) -> str:
         lines += [
             "## Language models", "",
             "| model | stage | K | params | train FLOPs | infer FLOPs/token | BrierLM | Brier-1 | Brier-2 | Brier-3 "
-            "| Brier-4 | positions | gen tokens/s | data | context |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| Brier-4 | positions | gen tokens/s | data | context | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in lm_rows:
             b = r["brierlm"]
@@ -248,7 +300,8 @@ def markdown(rows: list[dict], runs: list[dict], plots: list[str]) -> str:
             lines.append(
                 f"| {r['name']} | {r['stage']} | {r['patch_size']} | {_params(r['params'])} | {_num(r['train_flops'])} "
                 f"| {_num(r['inference_flops_per_token'])} | {b['brierlm']:.3f} ± {b['brierlm_se']:.3f} | {briers} "
-                f"| {b['positions']} | {_num(r['tokens_per_second'])} | {r['data']} | {r['context']} |"
+                f"| {b['positions']} | {_num(r['tokens_per_second'])} | {r['data']} | {r['context']} "
+                f"| {'left out of the plots: ' + r['flag'] if r['flag'] else ''} |"
             )
         lines += ["", "BrierLM = 100 · geometric mean of Brier-1..4 (floored at 0); ± one standard error "
                       "(positions treated as independent). CALM parameters exclude the frozen autoencoder; "
@@ -270,10 +323,12 @@ def markdown(rows: list[dict], runs: list[dict], plots: list[str]) -> str:
             lines.append(f"| {r['name']} | {r['stage'] or '?'} | {_num(r['tokens_seen'])} | {_num(r['train_flops'])} "
                          f"| {train} | {val} |")
         lines.append("")
-    titles = {"frontier.png": "BrierLM vs training FLOPs", "brier_n.png": "Brier-n per model",
-              "training_curves.png": "Training curves", "ae_robustness.png": "Autoencoder robustness"}
+    titles = {"brier_n.png": "Brier-n per model", "training_curves.png": "Training curves",
+              "ae_robustness.png": "Autoencoder robustness"}
+    sets = sorted({eval_set(r) for r in lm_rows if not r["flag"]})
     for name in plots:
-        lines += [f"## {titles[name]}", "", f"![{titles[name]}]({name})", ""]
+        title = titles.get(name) or f"BrierLM vs training FLOPs: {sets[int(name.split('_')[1].split('.')[0]) - 1]}"
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
     return "\n".join(lines)
 
 

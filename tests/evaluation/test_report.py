@@ -45,7 +45,7 @@ def test_report_numbers_and_files(evaluated, tmp_path):
     curves = {r["name"]: r for r in report["runs"]}
     assert len(curves["calm-tiny"]["train"]["loss"]) == 12 and len(curves["calm-tiny"]["validation"]["loss"]) == 3
     assert curves["baseline-tiny"]["train"]["flops"][-1] == pytest.approx(rows["baseline-tiny"]["train_flops"])
-    assert report["plots"] == ["frontier.png", "brier_n.png", "training_curves.png", "ae_robustness.png"]
+    assert report["plots"] == ["frontier_1.png", "brier_n.png", "training_curves.png", "ae_robustness.png"]
     for name in report["plots"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
@@ -53,7 +53,35 @@ def test_report_numbers_and_files(evaluated, tmp_path):
     assert f"| baseline-tiny | baseline | 1 |" in md
     assert f"{b['brierlm']:.3f} ± {b['brierlm_se']:.3f}" in md
     assert f"{rows['ae-tiny']['reconstruction']['accuracy']:.5f}" in md
-    assert "![BrierLM vs training FLOPs](frontier.png)" in md
+    assert "![BrierLM vs training FLOPs: notes.jsonl, context 32](frontier_1.png)" in md
+
+
+def test_report_keeps_evaluation_sets_apart_and_flags_stale_results(evaluated, tmp_path):
+    """One frontier per evaluation set and context; a result older than its model is flagged and left
+    out of the plots; the autoencoder's curves compare cross-entropy with cross-entropy."""
+    import os
+    import time
+
+    runs = {stage: shutil.copytree(path, tmp_path / path.name) for stage, path in evaluated.items()}
+    metrics = runs["autoencoder"] / "metrics.jsonl"  # as training logs it: ce beside loss (= K·ce + w·KL)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps({**r, "ce": r["loss"] / 4}) + "\n" for r in records))
+    docs = tmp_path / "notes.jsonl"
+    docs.write_text(json.dumps({"text": TEXT * 3}) + "\n")
+    evaluate(["--model", str(runs["baseline"]), str(runs["calm"]), "--data", str(docs), "--context", "16"])
+    report = build_report([str(runs[s]) for s in ("baseline", "calm", "autoencoder")], tmp_path / "out")
+    assert report["plots"][:2] == ["frontier_1.png", "frontier_2.png"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "notes.jsonl, context 16" in md and "notes.jsonl, context 32" in md
+    ae_curves = next(r for r in report["runs"] if r["stage"] == "autoencoder")
+    assert ae_curves["quantity"] == "ce" and ae_curves["train"]["loss"][0] == records[0]["loss"] / 4
+    model_file = runs["calm"] / "export" / "model.safetensors"
+    later = time.time() + 60
+    os.utime(model_file, (later, later))  # the model changed after it was evaluated
+    report = build_report([str(runs[s]) for s in ("baseline", "calm")], tmp_path / "stale")
+    flags = {(r["name"], r["context"]): r["flag"] for r in report["models"]}
+    assert flags[("calm-tiny", 16)] == "older than the model" and flags[("baseline-tiny", 16)] is None
+    assert "left out of the plots: older than the model" in (tmp_path / "stale" / "report.md").read_text()
 
 
 def test_report_accepts_result_files_and_names_bad_ones(evaluated, tmp_path):
