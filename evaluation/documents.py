@@ -6,7 +6,9 @@ Two sources:
   is tokenised on its own as `[eos] + tokens(text)` — the EOS stands in for the separator that
   precedes every document in the packed training shards, so the first word is predicted from the
   context it had in training — and cut into consecutive blocks of at most `context` tokens, the
-  last one trimmed to a multiple of `multiple` (K for CALM). Blocks never cross documents.
+  last one trimmed to a multiple of `multiple` (K for CALM). Blocks never cross documents
+  (`--protocol documents`, the default); `--protocol stream` is the authors' protocol instead
+  (`stream_blocks`: one stream of all documents, fixed blocks that cross them, remainder dropped).
 - the validation split of a data_prep directory (`shard_blocks`): its fixed-length packed blocks
   through `pretrain.data.ShardLoader` (one pass, no shuffle), each cut into `context`-token pieces.
 
@@ -62,6 +64,23 @@ def split_blocks(token_lists: list[list[int]], context: int, multiple: int = 1) 
             if piece:
                 blocks.append(torch.tensor(piece, dtype=torch.long))
     return blocks
+
+
+def stream_blocks(token_lists: list[list[int]], context: int, multiple: int = 1) -> list[torch.Tensor]:
+    """The authors' protocol: every document (with its EOS separator in front) concatenated into one
+    stream, cut into blocks of exactly `context` tokens that cross document boundaries, the remainder
+    dropped. All blocks have one length, so pooling positions equals averaging per-block means."""
+    if context <= 0 or context % multiple:
+        raise ValueError(f"context {context} must be a positive multiple of {multiple}")
+    stream = torch.tensor([t for ids in token_lists for t in ids], dtype=torch.long)
+    whole = stream.numel() // context
+    if whole == 0:
+        raise ValueError(f"the documents hold {stream.numel()} tokens, fewer than one block of {context}")
+    return list(stream[: whole * context].view(whole, context).clone())
+
+
+PROTOCOLS = {"documents": split_blocks, "stream": stream_blocks}
+"""How document files become blocks: each document on its own (ours, the default) or one stream."""
 
 
 def shard_blocks(data_dir: str | Path, split: str, context: int, multiple: int = 1) -> list[torch.Tensor]:

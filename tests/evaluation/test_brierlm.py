@@ -79,6 +79,27 @@ def test_batched_mean_matches_exact(tiny_lm):
     assert bool(((z < 4.5) | ((mean - exact).abs() < 1e-10)).all()), z
 
 
+def test_stream_protocol_blocks_match_exact(tiny_lm):
+    """The authors' protocol (documents concatenated, fixed blocks across them) is unbiased too."""
+    from evaluation.documents import split_blocks, stream_blocks
+
+    gen = torch.Generator().manual_seed(8)
+    documents = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (7, 5, 9)]
+    blocks = stream_blocks(documents, 8)
+    stream = torch.tensor(sum(documents, []))  # 21 tokens: two blocks of 8, the last 5 dropped
+    assert [b.numel() for b in blocks] == [8, 8] and torch.equal(torch.cat(blocks), stream[:16])
+    assert [b.numel() for b in split_blocks(documents, 8)] == [7, 5, 8, 1]  # ours: never across documents
+    ids = torch.stack(blocks[:2])
+    exact = torch.cat([exact_baseline(tiny_lm, row, 8) for row in ids])
+    reps = 400
+    rep_ids, rep_len = _replicated(ids, torch.tensor([8, 8]), reps)
+    est = baseline_brier_batched(tiny_lm, rep_ids, rep_len, torch.Generator().manual_seed(13)).estimates.view(reps, -1, 4)
+    mean, se = est.mean(0), est.std(0) / math.sqrt(reps)
+    assert torch.allclose(mean[:, 0], exact[:, 0], atol=1e-10)
+    z = (mean - exact).abs() / se.clamp_min(1e-12)
+    assert bool(((z < 4.5) | ((mean - exact).abs() < 1e-10)).all()), z
+
+
 def test_reference_mean_matches_exact(tiny_lm):
     ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(9))
     exact = exact_baseline(tiny_lm, ids[0], 8)
