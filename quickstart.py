@@ -28,7 +28,8 @@ from pathlib import Path
 from pretrain.distributed import free_ports
 
 REPO = Path(__file__).resolve().parent
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext103_test_documents.jsonl"
+WIKITEXT = REPO / "data" / "wikitext103_test.jsonl"
+"""Where `python -m data_prep.wikitext` writes the WikiText-103 test documents by default."""
 PROMPT = "The history of the city"
 
 
@@ -179,7 +180,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--small", action="store_true",
                    help="a shorter run (what the test runs): fewer training steps, a shorter WikiText check")
     p.add_argument("--wikitext", type=Path, default=WIKITEXT,
-                   help='WikiText-103 test documents, JSONL of {"text": ...} (evaluated when the file exists)')
+                   help='WikiText-103 test documents, JSONL of {"text": ...}, evaluated when the file exists '
+                        f"(default {WIKITEXT.relative_to(REPO)}, made by python -m data_prep.wikitext)")
     # A byte-level BPE with two merges (256 bytes + EOS + PAD + 2): a 4-token chunk is ~4 characters, so
     # chunks repeat often enough for the tiny CALM to learn whole chunks from context in CPU minutes.
     p.add_argument("--vocab-size", type=int, default=260)
@@ -269,7 +271,9 @@ def evaluate_models(pipe: Pipeline, data: Path, runs: dict[str, Path], args) -> 
         pipe.step("evaluate WikiText-103 test", [*evaluate, "--data", str(args.wikitext), "--max-blocks",
                                                  "8" if args.small else "64"], "eval_wikitext")
     else:
-        print(f"[quickstart] {args.wikitext} not found: skipping the WikiText-103 evaluation", flush=True)
+        print(f"[quickstart] {args.wikitext} not found: skipping the WikiText-103 evaluation (build it with "
+              f"`python -m data_prep.wikitext --output {args.wikitext}` where the Hugging Face hub is reachable, "
+              "or from a local copy with --local PATH)", flush=True)
 
 
 def generate_samples(pipe: Pipeline, runs: dict[str, Path], small: bool) -> dict[str, str]:

@@ -10,13 +10,16 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext103_test_documents.jsonl"
+"""The paper's test documents on the build machines (a user makes them with python -m data_prep.wikitext)."""
 
 
 @pytest.fixture(scope="module")
 def quickstart_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "qs"
     env = dict(os.environ, OMP_NUM_THREADS="2", WANDB_MODE="offline")
-    proc = subprocess.run([sys.executable, "-m", "quickstart", "--small", "--out", str(out)], cwd=REPO, env=env,
+    wikitext = ["--wikitext", str(WIKITEXT)] if WIKITEXT.is_file() else []
+    proc = subprocess.run([sys.executable, "-m", "quickstart", "--small", "--out", str(out), *wikitext], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "finished in" in proc.stdout
@@ -48,6 +51,8 @@ def test_quickstart_small_produces_a_sane_report(quickstart_out):
         assert 0 < brier["brierlm"] < 100, brier
         assert brier["brierlm"] > 3 * brier["brierlm_se"], brier
     assert rows[("calm", heldout)]["brierlm"]["samples_per_position"] == 8
+    if WIKITEXT.is_file():
+        assert {("calm", WIKITEXT.name), ("baseline", WIKITEXT.name)} <= set(rows)
     # Sampling speed was timed (the report's gen tokens/s); CALM's backbone runs once per chunk.
     for stage in ("calm", "baseline"):
         assert rows[(stage, heldout)]["tokens_per_second"] > 0
