@@ -12,9 +12,13 @@
 --model takes run directories (their `export/` is evaluated and `metrics.jsonl` found by the report)
 or exported directories. --data is a `.jsonl` file of {"text": ...} documents, any other file (one
 plain-text document), or a data_prep output directory (its `--split`). Documents are tokenised with
-the model's own tokenizer (saved in every export; `--tokenizer` overrides). Blocks default to the
-paper's protocol: 2048 tokens for the baseline and the autoencoder, 2048 steps (2048·K tokens) for
-CALM. Under torchrun each rank takes every world_size-th block and the sums are all-reduced; rank r
+the model's own tokenizer (saved in every export; `--tokenizer` overrides). The context defaults
+to the block length the model was trained on (the paper's 2048 tokens, CALM 2048·K, only for models
+without a training record); a context past the model's positions is refused (`--allow-long-context`
+measures it anyway and marks the result). Every `--model` is checked before any is evaluated.
+Document files are cut per document (`--protocol documents`) or as the authors do, one stream across
+documents (`--protocol stream`). The result records the protocol, the context and where it came
+from, the data's sha256 and the tokenizer's. Under torchrun each rank takes every world_size-th block and the sums are all-reduced; rank r
 draws its randomness from seed + r. One JSON result per model (schema: `evaluation.results`) goes to
 `--out` (one model only) or `RUN/eval/<data>-ctx<context>.json`.
 """
@@ -30,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from data_prep.manifest import check_compatible, check_vocab, read_manifest
+from data_prep.manifest import check_vocab
+from evaluation.plan import Plan, file_sha256, plan_model
 from evaluation import documents as docs
 from evaluation.brier_stats import BrierAccumulator
 from evaluation.brierlm import baseline_brier_batched
@@ -41,7 +46,6 @@ from pretrain import distributed
 from pretrain.models.flops import train_flops_per_token
 from pretrain.stages import get_stage, load_model, stage_of_model_type
 
-PAPER_STEPS = 2048
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -52,7 +56,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--split", default="validation", help="split of a data_prep directory (default: validation)")
     p.add_argument("--text-key", default="text", help="JSON field holding a document's text (default: text)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the one saved with each model)")
-    p.add_argument("--context", type=int, help="block length in tokens (default: 2048; CALM: 2048*K)")
+    p.add_argument("--context", type=int,
+                   help="block length in tokens (default: the block length the model was trained on; without a "
+                        "training record the paper's 2048, CALM 2048*K)")
+    p.add_argument("--protocol", choices=sorted(docs.PROTOCOLS), default="documents",
+                   help="document files: 'documents' blocks each document on its own (default); 'stream' is the "
+                        "authors' protocol, one stream of all documents cut into fixed blocks across them")
+    p.add_argument("--allow-long-context", action="store_true",
+                   help="evaluate at a context past the model's positions anyway (the result is marked)")
     p.add_argument("--batch-size", type=int, default=1, help="blocks per forward pass (default: 1)")
     p.add_argument("--max-blocks", type=int, help="evaluate only the first N blocks (quick checks)")
     p.add_argument("--seed", type=int, default=0)
@@ -80,53 +91,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.context is not None and args.context <= 0:
         p.error("--context must be positive")
+    if args.max_blocks is not None and args.max_blocks <= 0:
+        p.error(f"--max-blocks must be positive, got {args.max_blocks} (leave it out to evaluate every block)")
     return args
 
 
-def resolve_model_dir(path: str) -> tuple[Path, Path | None, str]:
-    """(export dir, run dir or None, stage) for a run or export directory."""
-    root = Path(path)
-    if (root / "export" / "config.json").is_file():
-        export, run_dir = root / "export", root
-    elif (root / "config.json").is_file():
-        export = root
-        run_dir = root.parent if (root.parent / "metrics.jsonl").is_file() else None
-    else:
-        raise FileNotFoundError(f"{root}: neither an exported model (config.json) nor a run directory with export/")
-    model_type = json.loads((export / "config.json").read_text()).get("model_type")
-    try:
-        return export, run_dir, stage_of_model_type(model_type).name
-    except ValueError as exc:
-        raise ValueError(f"{export}/config.json: {exc}") from exc
-
-
-def _training_tokenizer_sha(export: Path) -> str | None:
-    """sha256 of the tokenizer whose shards the model was trained on, when its export records it."""
-    record = export / "training.json"
-    if not record.is_file():
-        return None
-    return (json.loads(record.read_text()).get("data_tokenizer") or {}).get("sha256")
-
-
-def load_blocks(args, export: Path, stage: str, k: int, context: int, vocab: int) -> tuple[list[torch.Tensor], dict]:
-    data = Path(args.data)
-    multiple = k if stage != "baseline" else 1
-    info = {"source": str(data), "context": context, "max_blocks": args.max_blocks}
-    if data.is_dir():
-        check_compatible(read_manifest(data), vocab_size=vocab, tokenizer_sha256=_training_tokenizer_sha(export),
-                         model=f"the model at {export}")
-        blocks = docs.shard_blocks(data, args.split, context, multiple)
-        info.update(kind="shards", split=args.split, documents=None)
+def load_blocks(args, plan: Plan, vocab: int) -> tuple[list[torch.Tensor], dict]:
+    """The blocks to score, cut as the plan says, and the data record of the result."""
+    info = dict(plan.data, max_blocks=args.max_blocks)
+    multiple = plan.k
+    if info["kind"] == "shards":
+        blocks = docs.shard_blocks(args.data, args.split, plan.context, multiple)
+        info.update(documents=None)
     else:
         from transformers import AutoTokenizer
 
         from evaluation.export_dir import find_tokenizer_dir
 
-        tokenizer = AutoTokenizer.from_pretrained(str(find_tokenizer_dir(export, args.tokenizer, look_above=False)))
-        check_vocab(len(tokenizer), vocab, str(tokenizer.name_or_path), f"the model at {export}")
-        texts = docs.read_documents(data, args.text_key)
-        blocks = docs.split_blocks(docs.tokenize_documents(tokenizer, texts), context, multiple)
-        info.update(kind="documents", split=None, documents=len(texts))
+        tok_dir = find_tokenizer_dir(plan.export, args.tokenizer, look_above=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        check_vocab(len(tokenizer), vocab, str(tokenizer.name_or_path), f"the model at {plan.export}")
+        texts = docs.read_documents(args.data, args.text_key)
+        cut = docs.PROTOCOLS[args.protocol]
+        blocks = cut(docs.tokenize_documents(tokenizer, texts), plan.context, multiple)
+        info.update(documents=len(texts), tokenizer_sha256=file_sha256(tok_dir / "tokenizer.json")
+                    if (tok_dir / "tokenizer.json").is_file() else None)
     if args.max_blocks is not None:
         blocks = blocks[: args.max_blocks]
     info.update(blocks=len(blocks), tokens=int(sum(b.numel() for b in blocks)))
@@ -177,12 +166,10 @@ def measure_generation(model, stage: str, blocks: list[torch.Tensor], args) -> d
             "device": str(next(model.parameters()).device), "dtype": args.dtype}
 
 
-def evaluate_model(args, path: str, rank: int, world: int, device: torch.device) -> tuple[dict, Path]:
-    export, run_dir, stage = resolve_model_dir(path)
+def evaluate_model(args, plan: Plan, rank: int, world: int, device: torch.device) -> tuple[dict, Path]:
+    export, run_dir, stage, k, context = plan.export, plan.run_dir, plan.stage, plan.k, plan.context
     model = load_model(stage, str(export), dtype=DTYPES[args.dtype]).to(device).eval()
-    k = getattr(model.config, "patch_size", 1) if stage != "baseline" else 1
-    context = args.context or (PAPER_STEPS * k if stage == "calm" else PAPER_STEPS)
-    blocks, data = load_blocks(args, export, stage, k, context, model.config.vocab_size)
+    blocks, data = load_blocks(args, plan, model.config.vocab_size)
     result = {
         "schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": [sys.executable, "-m", "evaluation", *sys.argv[1:]],
@@ -226,11 +213,20 @@ def evaluate_model(args, path: str, rank: int, world: int, device: torch.device)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        # every --model is checked before any is evaluated, so a bad entry costs nothing
+        plans = [plan_model(args, path) for path in args.model]
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     world = distributed.init(device=args.device, deepspeed=False)
     try:
-        for path in args.model:
+        for plan in plans:
+            if plan.context_source == "paper" and world.is_main:
+                print(f"note: {plan.export} records no training block length; evaluating at the paper's "
+                      f"{plan.context} tokens", file=sys.stderr)
             try:
-                result, out_path = evaluate_model(args, path, world.rank, world.world_size, world.device)
+                result, out_path = evaluate_model(args, plan, world.rank, world.world_size, world.device)
             except (FileNotFoundError, ValueError) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2

@@ -18,8 +18,8 @@ Writes into --out:
   context), `training_curves.png` (loss vs tokens and vs FLOPs, one row per stage; the autoencoder's
   cross-entropy on both sides), `ae_robustness.png`.
 
-A result older than the model it scores, or made at another context than the model's training
-block length, is kept in the table with a note and left out of the plots.
+A result older than the model it scores, or made at a context past the model's positions, is kept
+in the table with a note and left out of the plots.
 """
 
 from __future__ import annotations
@@ -121,8 +121,9 @@ def _row(result: dict, path: Path, run_dir: Path | None) -> dict:
 
 
 def _flag(result: dict) -> str | None:
-    """Why a result should not stand beside the others: older than the model it scores, or scored at
-    another context than the model was trained on. None when it is current."""
+    """Why a result should not stand beside the others: older than the model it scores, or scored at a
+    context past the model's positions (--allow-long-context). None when it is current. (Results at
+    different contexts are not mixed either: each evaluation set and context gets its own frontier.)"""
     from datetime import datetime
 
     model_file = Path(result["model"]["path"]) / "model.safetensors"
@@ -131,11 +132,8 @@ def _flag(result: dict) -> str | None:
         made = datetime.fromisoformat(created).timestamp()
         if made < model_file.stat().st_mtime - 1:
             return "older than the model"
-    training = Path(result["model"]["path"]) / "training.json"
-    if training.is_file():
-        trained = json.loads(training.read_text()).get("block_len")
-        if trained and result["data"].get("context") != trained:
-            return f"context {result['data'].get('context')} ≠ trained {trained}"
+    if result["data"].get("beyond_positions"):
+        return f"context {result['data'].get('context')} past the model's positions"
     return None
 
 

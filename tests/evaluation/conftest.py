@@ -47,7 +47,10 @@ def _train_and_export(stage, model, data_dir, run_dir, steps=12, batch=4):
     export = run_dir / "export"
     model.eval().save_pretrained(export)
     load_tokenizer(data_dir).save_pretrained(export)
-    (export / "training.json").write_text(json.dumps({"stage": stage, "step": steps, "tokens_seen": tokens}))
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    (export / "training.json").write_text(json.dumps({"stage": stage, "step": steps, "tokens_seen": tokens,
+                                                      "block_len": loader.block_len,
+                                                      "data_tokenizer": manifest["tokenizer"]}))
     return model
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -148,3 +149,42 @@ def test_cli_names_what_is_wrong(tiny_runs, tmp_path, capsys):
     bad.write_text("not json\n")
     assert main(["--model", str(tiny_runs["baseline"]), "--data", str(bad), "--out", str(tmp_path / "o.json")]) == 2
     assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_safe_defaults_context_positions_and_tokenizer(tiny_runs, tiny_data_dir, doc_file, tmp_path, capsys):
+    """The context defaults to the trained block length; a context past the positions, a list with one bad
+    model, or shards of another tokenizer are refused before anything is evaluated or written."""
+    out = tmp_path / "r.json"
+    assert main(["--model", str(tiny_runs["baseline"]), "--data", str(doc_file), "--max-blocks", "2",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())["data"]
+    assert (data["context"], data["context_source"], data["protocol"]) == (64, "trained", "documents")
+    assert len(data["sha256"]) == 64 and len(data["tokenizer_sha256"]) == 64 and not data["beyond_positions"]
+
+    capsys.readouterr()
+    assert main(["--model", str(tiny_runs["baseline"]), "--data", str(doc_file), "--context", "1024"]) == 2
+    assert "past the 512 tokens" in capsys.readouterr().err
+    assert main(["--model", str(tiny_runs["baseline"]), "--data", str(doc_file), "--context", "1024", "--max-blocks",
+                 "1", "--allow-long-context", "--out", str(tmp_path / "long.json")]) == 0
+    assert json.loads((tmp_path / "long.json").read_text())["data"]["beyond_positions"] is True
+
+    runs = tmp_path / "runs"
+    good = shutil.copytree(tiny_runs["baseline"], runs / "good", ignore=shutil.ignore_patterns("eval"))
+    assert main(["--model", str(good), str(runs / "missing"), "--data", str(doc_file)]) == 2
+    assert "missing: neither an exported model" in capsys.readouterr().err
+    assert not (good / "eval").exists()  # nothing written for the good entry either
+
+    other = shutil.copytree(tiny_data_dir, tmp_path / "other_data")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = "f" * 64  # same vocabulary size, another tokenizer
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["--model", str(good), "--data", str(other)]) == 2
+    assert "trained on shards of another tokenizer" in capsys.readouterr().err
+
+
+def test_stream_protocol_is_recorded(tiny_runs, doc_file, tmp_path):
+    out = tmp_path / "s.json"
+    assert main(["--model", str(tiny_runs["baseline"]), "--data", str(doc_file), "--protocol", "stream",
+                 "--context", "32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["data"]["protocol"] == "stream" and result["data"]["tokens"] == 32 * result["data"]["blocks"]
