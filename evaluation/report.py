@@ -194,6 +194,7 @@ def _plot_frontier(plt, frontier: list[dict], name: str, path: Path) -> str | No
         for f, b, r in pts:
             ax.annotate(r["name"], (f, b), textcoords="offset points", xytext=(4, 4), fontsize=8)
     _flops_axis(ax, [r["train_flops"] for r in frontier])
+    ax.set_ylim(bottom=0)  # BrierLM is a score from 0: a cropped axis would exaggerate small gaps
     return _save_single(fig, ax, path, "training FLOPs", "BrierLM (± 1 s.e.)", f"BrierLM vs training compute\n{name}")
 
 
