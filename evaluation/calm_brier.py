@@ -38,6 +38,7 @@ from transformers import DynamicCache
 from evaluation.branching import BranchCache, branch_forward, compact, ensure_mask_capable
 from evaluation.brier_stats import N_GRAMS
 from evaluation.brierlm import BlockEstimates
+from pretrain.models.argmax_decode import ArgmaxDecoder
 
 
 class ChunkSampler(Protocol):
@@ -60,7 +61,7 @@ class CALMSampler:
     """`ChunkSampler` over a `pretrain.models.CALM`: backbone + energy head + frozen AE decoder."""
 
     def __init__(self, model, generator: torch.Generator | None = None, max_queries: int = 256,
-                 max_elements: int = 1 << 24, num_samples: int = 2) -> None:
+                 max_elements: int = 1 << 24, num_samples: int = 2, screened_decode: bool = True) -> None:
         ensure_mask_capable(model)
         self.model = model
         self.patch_size = model.config.patch_size
@@ -74,6 +75,9 @@ class CALMSampler:
         self.decode_slice = max(1, max_elements // (num_samples * self.patch_size * vocab))
         self.cache = None
         self.forward_calls = 0
+        # The certified argmax decoder (bf16 screen, exact rescoring of the few contenders) returns exactly
+        # decode_latents' tokens without most of its full-vocabulary float32 projections.
+        self.decoder = ArgmaxDecoder(model) if screened_decode else None
 
     def _samples(self, hidden: torch.Tensor, num: int) -> torch.Tensor:
         """Hidden (B, M, d) -> decoded samples (B, M, num, K), decoding in slices to bound the logits."""
@@ -81,7 +85,8 @@ class CALMSampler:
         out = []
         for start in range(0, latents.shape[2], self.decode_slice):
             part = latents[:, :, start : start + self.decode_slice]
-            out.append(self.model.decode_latents(part).view(*part.shape[:3], self.patch_size))
+            decode = self.decoder if self.decoder is not None else self.model.decode_latents
+            out.append(decode(part).view(*part.shape[:3], self.patch_size))
         return torch.cat(out, dim=2).permute(1, 2, 0, 3)
 
     @torch.no_grad()

@@ -224,3 +224,20 @@ def test_inverse_cdf_sampling_follows_the_weights():
         expect = n * weights[row].double() / weights[row].double().sum()
         assert (counts - expect).abs().max() <= 1.0 + 1e-6
         assert counts[weights[row] == 0].sum() == 0
+
+
+def test_calm_estimates_are_identical_with_the_certified_decoder():
+    """The certified argmax decoder gives exactly the reference decode's tokens, so the same draws give
+    the same estimates, only faster."""
+    from evaluation.calm_brier import CALMSampler, calm_brier
+    from pretrain.stages import build_model
+
+    torch.manual_seed(0)
+    ae = dict(vocab_size=300, hidden_size=32, intermediate_size=64, latent_size=16, patch_size=4)
+    calm = build_model("calm", dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=2, latent_size=16, patch_size=4,
+                                    num_mlp_layers=1, ae_config=ae)).eval()
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(4))
+    out = [calm_brier(CALMSampler(calm, torch.Generator().manual_seed(9), screened_decode=s), ids).estimates
+           for s in (False, True)]
+    assert torch.equal(out[0], out[1])
