@@ -81,6 +81,10 @@ class CALMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     """Energy loss (negative energy score), averaged over predicted positions."""
     last_hidden_state: torch.Tensor | None = None
+    fidelity: torch.Tensor | None = None
+    """2 E||x - y||: how far the head's samples lie from the target samples (detached, for logging)."""
+    diversity: torch.Tensor | None = None
+    """E||x - x'||: how far the head's samples lie from each other (detached, for logging)."""
 
 
 def _resolve_ae_config(config: CALMConfig) -> AutoencoderConfig:
@@ -222,5 +226,7 @@ class CALM(PreTrainedModel, CALMGenerationMixin):
         mu, log_sigma = self.target_posterior(input_ids[:, k:])
         hidden, _ = self.backbone(self.chunk_embeddings(input_ids[:, :-k]), use_cache=False)
         samples = self.sample_latents(hidden, num_samples=self.config.num_samples)
-        loss = energy_loss(samples, mu, log_sigma, self.config.num_target_samples, self.config.beta).mean()
-        return CALMOutput(loss=loss, last_hidden_state=hidden)
+        loss, fidelity, diversity = energy_loss(samples, mu, log_sigma, self.config.num_target_samples,
+                                                self.config.beta, terms=True)
+        return CALMOutput(loss=loss.mean(), last_hidden_state=hidden, fidelity=fidelity.mean().detach(),
+                          diversity=diversity.mean().detach())

@@ -85,12 +85,15 @@ def energy_loss(
     num_target_samples: int = 100,
     beta: float = 1.0,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
+    terms: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Negative energy score per position (lower is better), computed in float32.
 
     samples: (N, ..., l) model samples, N >= 2; mu, log_sigma: (..., l) the target Gaussian, from which
     `num_target_samples` (M) samples y_m are drawn. Returns (...):
     2/(N M) sum_{n,m} ||x_n - y_m||^beta - 1/(N (N-1)) sum_{n != k} ||x_n - x_k||^beta.
+    With `terms`, returns (loss, fidelity, diversity): the first term (samples against targets) and the
+    second (samples against each other), each per position, so training can log them apart.
     """
     n = samples.shape[0]
     if n < 2:
@@ -110,7 +113,10 @@ def energy_loss(
     # the n < k pairs are raised to beta, so the zero diagonal never meets a negative power in backward.
     rows, cols = torch.triu_indices(n, n, offset=1, device=x.device)
     d_xx = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")[:, rows, cols].pow(beta).mean(dim=1)
-    return (2 * d_xy - d_xx).reshape(batch_shape)
+    loss = (2 * d_xy - d_xx).reshape(batch_shape)
+    if terms:
+        return loss, (2 * d_xy).reshape(batch_shape), d_xx.reshape(batch_shape)
+    return loss
 
 
 def _euclidean_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -116,3 +116,11 @@ def test_matmul_form_equals_the_direct_form_in_value_and_gradient(beta):
     for new, old in zip(*grads):
         scale = old.abs().max()
         assert (new - old).abs().max() <= 1e-6 * scale, ((new - old).abs().max() / scale).item()
+
+
+def test_terms_add_up_to_the_loss():
+    gen = torch.Generator().manual_seed(2)
+    x, mu, log_sigma = torch.randn(4, 3, 8, generator=gen), torch.randn(3, 8, generator=gen), torch.zeros(3, 8)
+    plain = energy_loss(x, mu, log_sigma, generator=torch.Generator().manual_seed(5))
+    loss, fidelity, diversity = energy_loss(x, mu, log_sigma, generator=torch.Generator().manual_seed(5), terms=True)
+    assert torch.equal(loss, plain) and torch.equal(loss, fidelity - diversity) and (diversity > 0).all()
