@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from data_prep.manifest import check_compatible, read_manifest
+from data_prep.sources import sha256_file as file_sha256
 from pretrain.stages import stage_of_model_type
 
 PAPER_STEPS = 2048
@@ -74,14 +75,6 @@ def trained_block_len(export: Path, run_dir: Path | None) -> int | None:
         if data and (Path(data) / "manifest.json").is_file():
             return int(read_manifest(data)["block_len"])
     return None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _data_identity(args, export: Path, stage: str, vocab: int) -> dict:
