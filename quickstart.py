@@ -48,7 +48,7 @@ def _train_flops_per_step(preset: str, vocab: int, block: int, ae_path: Path | N
 
 def _baseline_steps_for(calm_steps: int, vocab: int, block: int, ae_path: Path) -> int:
     """Optimizer steps that give the baseline preset the training FLOPs CALM spends in `calm_steps`."""
-    flops = calm_steps * _train_flops_per_step("calm-tiny", vocab, block, ae_path)
+    flops = calm_steps * _train_flops_per_step("calm-small", vocab, block, ae_path)
     return max(int(round(flops / _train_flops_per_step("baseline-tiny", vocab, block))), 1)
 
 
@@ -242,12 +242,10 @@ def train_models(pipe: Pipeline, out: Path, data: Path, args) -> tuple[dict[str,
     threads = max(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // 2, 1)
     ports = free_ports(2)
     pipe.together({
-        "train calm": (["-m", "pretrain", "--stage", "calm", "--config", "calm-tiny", *common,
-                        f"run_dir={runs['calm']}", f"ae_path={runs['autoencoder'] / 'export'}", "optim.lr=3e-3",
-                        # a longer warm-up than the preset's 20 steps: at this lr a short one can leave
-                        # CALM predicting only the marginal
-                        "optim.warmup_steps=100", "optim.schedule=cosine", f"max_steps={calm_steps}",
-                        f"save_every={calm_steps}",
+        # calm-small: the calm-tiny model with the small-corpus recipe (lr 3e-3, 100 warm-up steps, cosine)
+        "train calm": (["-m", "pretrain", "--stage", "calm", "--config", "calm-small", *common,
+                        f"run_dir={runs['calm']}", f"ae_path={runs['autoencoder'] / 'export'}",
+                        f"max_steps={calm_steps}", f"save_every={calm_steps}",
                         f"eval_every={max(calm_steps // 4, 1)}"], "train_calm"),
         "train baseline": (["-m", "pretrain", "--stage", "baseline", "--config", "baseline-tiny", *common,
                             f"run_dir={runs['baseline']}", f"max_steps={base_steps}", f"save_every={base_steps}",
