@@ -9,6 +9,13 @@
 #   bash run.sh generate --model DIR --prompt "..."
 #   bash run.sh quickstart                  the whole job on a tiny offline default
 #   bash run.sh test [pytest args]          setup, then the test suite
+#   bash run.sh gpu-check [--dry-run]       check and measure the CUDA path on one GPU (bench/gpu_check.py)
+#   bash run.sh wheels DIR                  wheels for a GPU machine's own Python (bench/wheels.py)
+#
+# A machine's own Python instead of .venv/ (a GPU machine with torch for its CUDA, no package index):
+#   CALM_PYTHON=python3           use this interpreter; nothing is created or installed from an index
+#   CALM_WHEELS=DIR               first install the wheels made by `bash run.sh wheels DIR` (no index, no
+#                                 dependencies) into .site-packages/ (or CALM_SITE), put first on PYTHONPATH
 #
 # Launching `train` (and distributed `eval`) is driven by environment variables:
 #   NPROC=N                       processes on this node (default 1; GPUs on a GPU node)
@@ -29,7 +36,35 @@ TORCH_VERSION="2.13.0"
 log() { printf '[run.sh] %s\n' "$*" >&2; }
 die() { printf '[run.sh] error: %s\n' "$*" >&2; exit 1; }
 
+if [[ -n "${CALM_PYTHON:-}" ]]; then
+  PY="$(command -v "$CALM_PYTHON")" || die "CALM_PYTHON=$CALM_PYTHON: no such interpreter"
+fi
+
+# CALM_PYTHON: the wheels of CALM_WHEELS into .site-packages/ (once per set of wheels), then a check
+# that the interpreter imports what training needs.
+external_setup() {
+  local site="${CALM_SITE:-$ROOT/.site-packages}" want
+  if [[ -n "${CALM_WHEELS:-}" ]]; then
+    compgen -G "$CALM_WHEELS/*.whl" >/dev/null || die "CALM_WHEELS=$CALM_WHEELS holds no wheels (bash run.sh wheels DIR)"
+    want="$(cd "$CALM_WHEELS" && ls -1 ./*.whl | sha256sum | cut -d' ' -f1)"
+    if [[ "$(cat "$site/.wheels" 2>/dev/null)" != "$want" ]]; then
+      log "installing the wheels of $CALM_WHEELS into $site (no index, no dependencies)"
+      rm -rf "$site"
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+        --target "$site" "$CALM_WHEELS"/*.whl || die "installing $CALM_WHEELS/*.whl with $PY failed"
+      echo "$want" >"$site/.wheels"
+    fi
+  fi
+  if [[ -d "$site" ]]; then export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"; fi
+  local out
+  if ! out="$("$PY" -c 'import torch, transformers, deepspeed' 2>&1)"; then
+    printf '%s\n' "$out" | tail -n 5 >&2
+    die "$PY cannot import torch, transformers and deepspeed: set CALM_WHEELS=DIR (bash run.sh wheels DIR)"
+  fi
+}
+
 setup() {
+  if [[ -n "${CALM_PYTHON:-}" ]]; then external_setup; return 0; fi
   local stamp="$VENV/.requirements.sha256"
   local want
   want="$(sha256sum requirements.txt | cut -d' ' -f1)"
@@ -85,10 +120,12 @@ export_common_env() {
 # top-level comma, taking the first number of each range with its zero padding.
 first_slurm_host() {
   local list="$1" rest host="" range
-  if command -v scontrol >/dev/null 2>&1; then
-    scontrol show hostnames "$list" | head -n 1
+  if command -v scontrol >/dev/null 2>&1 && host="$(scontrol show hostnames "$list" 2>/dev/null | head -n 1)" \
+      && [[ -n "$host" ]]; then
+    echo "$host"
     return
   fi
+  host=""  # scontrol missing, or installed without a usable configuration: read the hostlist here
   local re_name='^([^],[]+)(.*)$' re_range='^\[([^]]+)\](.*)$'
   rest="$list"
   while [[ -n "$rest" && "${rest:0:1}" != "," ]]; do
@@ -97,7 +134,7 @@ first_slurm_host() {
     elif [[ "$rest" =~ $re_name ]]; then
       host+="${BASH_REMATCH[1]}"; rest="${BASH_REMATCH[2]}"
     else
-      die "cannot read the first host of SLURM_JOB_NODELIST='$list' (and scontrol is not installed)"
+      die "cannot read the first host of SLURM_JOB_NODELIST='$list' (and scontrol could not expand it)"
     fi
   done
   [[ -n "$host" ]] || die "SLURM_JOB_NODELIST is empty; run inside an allocation (sbatch/salloc)"
@@ -118,14 +155,14 @@ launch() {
     python)
       exec "$PY" -m "$module" "$@" ;;
     torchrun)
-      exec "$VENV/bin/torchrun" --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc" \
+      exec "$PY" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc" \
         --master_addr "$addr" --master_port "$port" -m "$module" "$@" ;;
     deepspeed)
       local args=(--master_addr "$addr" --master_port "$port")
       if [[ -n "${HOSTFILE:-}" ]]; then
         args+=(--hostfile "$HOSTFILE" --num_nodes "$nnodes" --node_rank "$node_rank" --no_ssh)
       fi
-      exec "$VENV/bin/deepspeed" --num_gpus "$nproc" "${args[@]}" --module "$module" "$@" ;;
+      exec "$PY" -m deepspeed.launcher.runner --num_gpus "$nproc" "${args[@]}" --module "$module" "$@" ;;
     slurm)
       [[ -n "${SLURM_JOB_ID:-}" ]] || die "LAUNCHER=slurm must run inside a SLURM allocation (sbatch/salloc)"
       command -v srun >/dev/null 2>&1 || die "LAUNCHER=slurm needs srun on PATH"
@@ -136,7 +173,7 @@ launch() {
       log "SLURM job $SLURM_JOB_ID: $nodes node(s) x $nproc process(es), rendezvous at $head:$port"
       # srun starts one torchrun per node; each reads its node rank from SLURM_NODEID.
       exec srun --nodes "$nodes" --ntasks-per-node 1 --export=ALL bash -c \
-        "exec '$VENV/bin/torchrun' --nnodes '$nodes' --node_rank \"\$SLURM_NODEID\" \
+        "exec '$PY' -m torch.distributed.run --nnodes '$nodes' --node_rank \"\$SLURM_NODEID\" \
          --nproc_per_node '$nproc' --master_addr '$head' --master_port '$port' -m '$module' $(printf '%q ' "$@")" ;;
     *)
       die "unknown LAUNCHER=$launcher (torchrun, deepspeed, slurm or python)" ;;
@@ -163,8 +200,12 @@ case "$cmd" in
   test)
     setup; export_common_env; export OMP_NUM_THREADS=1
     exec "$PY" -m pytest "$@" ;;
+  gpu-check)
+    setup; export_common_env; exec "$PY" -m bench.gpu_check "$@" ;;
+  wheels)
+    setup; exec "$PY" -m bench.wheels "$@" ;;
   help|-h|--help)
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
     die "unknown command '$cmd' (try: bash run.sh help)" ;;
 esac

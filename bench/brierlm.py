@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluation.brierlm import baseline_brier_batched, baseline_brier_reference  # noqa: E402
+from pretrain.brier.brierlm import baseline_brier_batched, baseline_brier_reference  # noqa: E402
 
 
 def random_model(vocab: int) -> torch.nn.Module:
@@ -70,7 +70,7 @@ def calm_bench(args) -> None:
     """CALM BrierLM on one sequence of `--context` tokens: the certified argmax decoder against the
     per-sample reference decode (every draw through the float32 full-vocabulary projection), same draws."""
     from bench.generate import BACKBONE, synthetic_head
-    from evaluation.calm_brier import CALMSampler, calm_brier
+    from pretrain.brier.calm_brier import CALMSampler, calm_brier
     from pretrain.stages import build_model
 
     torch.manual_seed(0)

@@ -66,8 +66,9 @@ def synthetic_head(model, collision: float, codes: int = 64, seed: int = 0) -> N
 
     def sample_latents(hidden, num_samples=1, generator=None):
         z = real(hidden, num_samples=num_samples, generator=generator)
-        idx = torch.multinomial(probs, z[..., 0].numel(), replacement=True, generator=generator)
-        return table[idx].view(z.shape)
+        # On the head's device and dtype (a GPU run passes a CUDA generator).
+        idx = torch.multinomial(probs.to(z.device), z[..., 0].numel(), replacement=True, generator=generator)
+        return table.to(z)[idx].view(z.shape)
 
     model.sample_latents = sample_latents
 

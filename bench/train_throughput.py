@@ -19,7 +19,9 @@ evaluation.flops (docs/method.md §7); MFU divides achieved FLOP/s by the device
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -74,7 +76,9 @@ def bench_preset(preset: str, block_len: int, args, world, scratch: Path) -> dic
             distributed.barrier()
             start = time.perf_counter()
         for micro in range(config.grad_accum_steps):
-            loss = forward(engine, config.stage, batches[(step + micro) % len(batches)]).loss
+            # As a training step that is not logged, with the run's output-layer setting.
+            loss = forward(engine, config.stage, batches[(step + micro) % len(batches)], metrics=False,
+                           ce_chunk_rows=config.ce_chunk_rows).loss
             engine.backward(loss)
             engine.step()
     if cuda:
@@ -90,7 +94,9 @@ def bench_preset(preset: str, block_len: int, args, world, scratch: Path) -> dic
            "params_M": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()) / 1e6,
            "block_len": block_len, "global_batch": engine.train_batch_size(),
            "step_ms": 1000 * elapsed / args.steps, "tokens_per_s": tokens_per_s, "tflops": tflops,
-           "mfu": tflops / (peak * world.world_size) if peak else None, **memory_stats(world.device)}
+           "mfu": tflops / (peak * world.world_size) if peak else None, **memory_stats(world.device),
+           # The process's peak resident set so far (CPU figures: one preset per process to compare them).
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     engine.destroy()
     return row
 
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ae-preset", default=None, help="autoencoder shape for CALM (default ae, or ae-tiny)")
     parser.add_argument("--scratch", default=None, help="parent of the temporary CALM autoencoder directory "
                         "(default: the system's; give a shared path for multi-node runs)")
+    parser.add_argument("--json", default=None, help="also write the rows (a JSON list) to this file (rank 0)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every preset")
     args = parser.parse_args(argv)
@@ -132,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
             print(f"{r['preset']:<14}{r['stage']:<12}{r['precision']:<6}{r['params_M']:>10.2f}{r['block_len']:>7}"
                   f"{r['global_batch']:>6}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}{r['tflops']:>10.4f}{mfu:>8}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
         base = {r["stage"]: r for r in rows}
         if "calm" in base and "baseline" in base:
             print(f"calm / baseline tokens/s: {base['calm']['tokens_per_s'] / base['baseline']['tokens_per_s']:.2f}x")

@@ -101,3 +101,7 @@ if __name__ == "__main__":
     except (DataError, TokenizerError, ManifestError) as e:
         print(f"[data_prep] error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("\n[data_prep] interrupted (Ctrl-C); finished shards are kept: run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)

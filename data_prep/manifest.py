@@ -20,6 +20,10 @@ class ManifestError(ValueError):
 
 
 def read_manifest(data_dir) -> dict:
+    from data_prep.remote import is_url, local_mirror
+
+    if is_url(data_dir):  # s3://, gs://, https://, hf://: read the cached copy of its manifest
+        data_dir = local_mirror(data_dir)
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise ManifestError(f"{path} not found: prepare the data first (python -m data_prep --output {data_dir} ...)")
@@ -33,7 +37,30 @@ def read_manifest(data_dir) -> dict:
         raise ManifestError(f"{path} lacks {', '.join(missing)}")
     if manifest["format"] != FORMAT:
         raise ManifestError(f"{path} has format {manifest['format']!r}; this code reads {FORMAT!r}")
+    _check_counts(path, manifest)
     return manifest
+
+
+def _check_counts(path: Path, manifest: dict) -> None:
+    """Split totals agree with their shards, and every shard holds whole blocks: a manifest edited
+    by hand (or damaged) is refused instead of being half believed."""
+    block_len = manifest["block_len"]
+    if not isinstance(block_len, int) or block_len <= 0 or not isinstance(manifest["splits"], dict):
+        raise ManifestError(f"{path}: block_len must be a positive integer and splits a mapping of split names")
+    for name, split in manifest["splits"].items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list) or not all(isinstance(s, dict) and "samples" in s for s in shards):
+            raise ManifestError(f"{path}: splits.{name}.shards must be a list of shard entries with 'samples'")
+        for i, shard in enumerate(shards):
+            if "tokens" in shard and shard["tokens"] != shard["samples"] * block_len:
+                raise ManifestError(f"{path}: splits.{name}.shards[{i}] has {shard['tokens']} tokens, not samples x "
+                                    f"block_len = {shard['samples'] * block_len}: the manifest was edited or is "
+                                    "damaged; re-run data_prep")
+        for key in ("samples", "tokens"):
+            total = sum(s.get(key, 0) for s in shards)
+            if key in split and split[key] != total:
+                raise ManifestError(f"{path}: splits.{name}.{key} is {split[key]} but its shards hold {total}: the "
+                                    "manifest was edited or is damaged; re-run data_prep")
 
 
 def check_vocab(tokenizer_vocab: int, vocab_size: int, tokenizer: str, model: str) -> None:

@@ -137,8 +137,9 @@ def _tokenizer(cfg: PrepConfig, resolved: list[dict], previous: dict | None) -> 
         tok, name = toks.load_pretrained(cfg.tokenizer), cfg.tokenizer
     else:
         quiet = BadInput(fail_fast=cfg.fail_fast, quiet=True)
-        texts = (text for i, text in documents(resolved, cfg, quiet, [0] * len(resolved))
-                 if shards.doc_split(cfg.seed, i, cfg.val_fraction) == "train")
+        # in pieces, like the encoder: the trainer's memory also grows ~200x the text it is given
+        texts = (piece for i, text in documents(resolved, cfg, quiet, [0] * len(resolved))
+                 if shards.doc_split(cfg.seed, i, cfg.val_fraction) == "train" for piece in toks.pieces(text))
         print(f"[data_prep] training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on the train split",
               file=sys.stderr)
         tok, name = toks.train_bpe(texts, cfg.vocab_size), f"byte-level-bpe-{cfg.vocab_size}"
@@ -271,6 +272,8 @@ def _manifest(cfg, argv, resolved, per_source, tok_entry, dtype, records, bad) -
             "documents": sum(e["documents"] for e in entries),
             "document_tokens": sum(e["document_tokens"] for e in entries),
             "dropped_tokens": sum(e["dropped_tokens"] for e in entries),
+            # long documents cut for the tokenizer where no word gap was near (`tokenizer.pieces`)
+            "plain_cuts": sum(e.get("plain_cuts", 0) for e in entries),
         }
     return {
         "format": FORMAT,
@@ -299,6 +302,11 @@ def _print_summary(cfg: PrepConfig, manifest: dict) -> None:
     if cfg.val_fraction > 0 and manifest["splits"]["validation"]["samples"] == 0:
         print(f"[data_prep] warning: the validation split is empty (too few documents for --val-fraction "
               f"{cfg.val_fraction}); raise it or add documents", file=sys.stderr)
+    cuts = sum(s.get("plain_cuts", 0) for s in manifest["splits"].values())
+    if cuts:
+        print(f"[data_prep] note: {cuts} cut(s) inside very long documents found no word gap within "
+              f"{toks.PIECE_CHARS // 2} characters (e.g. base64 or a long run of one character); the token ids "
+              "next to them may differ from tokenizing those documents whole", file=sys.stderr)
     counts = {k: v for k, v in manifest["bad_input"]["counts"].items() if v}
     print(f"[data_prep] bad input skipped: {counts or 'none'}; manifest: {cfg.output / 'manifest.json'}",
           file=sys.stderr)

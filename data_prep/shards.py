@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ class PackSpec:
 def init_worker() -> None:
     # One process per core already; the tokenizer's own thread pool would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C reaches the whole process group: the main process stops the pool, with one message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def doc_split(seed: int, doc_index: int, val_fraction: float) -> str:
@@ -49,16 +52,57 @@ def shard_name(chunk: int) -> str:
     return f"shard-{chunk:06d}.tar"
 
 
-def _encode(spec: PackSpec, texts: list[str]) -> list[list[int]]:
+def _load_tokenizer(spec: PackSpec):
     global _tokenizer
     if _tokenizer is None or _tokenizer[0] != spec.tokenizer_file:
         from tokenizers import Tokenizer
 
         _tokenizer = (spec.tokenizer_file, Tokenizer.from_file(spec.tokenizer_file))
-    return [e.ids for e in _tokenizer[1].encode_batch_fast(texts, add_special_tokens=False)]
+    return _tokenizer[1]
 
 
-def pack(token_lists: list[list[int]], eos: int, block_len: int, dtype: str) -> tuple[np.ndarray, int, int]:
+NEUTRAL_WINDOW = 256
+"""Characters each side of a cut that `_neutral` tokenizes both whole and cut."""
+
+
+def _neutral(tok, text: str, cut: int) -> bool:
+    """Cutting `text` at `cut` changes no token id around it (the ids of a window across the cut equal
+    the ids of its two halves), so a text encoded in pieces gets the ids of the whole."""
+    lo = max(0, cut - NEUTRAL_WINDOW)
+    window = text[lo : cut + NEUTRAL_WINDOW]
+    left, whole, right = tok.encode_batch_fast([window[: cut - lo], window, window[cut - lo :]],
+                                               add_special_tokens=False)
+    return whole.ids == left.ids + right.ids
+
+
+def _encode(spec: PackSpec, texts: list[str], plain_cuts: list[int] | None = None) -> list[np.ndarray]:
+    """Token ids of each text, encoded in batches of about `PIECE_CHARS` characters and a longer text
+    in pieces (`tokenizer.pieces`, which notes plain cuts in `plain_cuts`), so the tokenizer's working
+    memory is bounded on any document."""
+    from data_prep.tokenizer import PIECE_CHARS, pieces
+
+    tok = _load_tokenizer(spec)
+
+    def encode(batch: list[str]) -> list[np.ndarray]:
+        return [np.array(e.ids, dtype=np.int64) for e in tok.encode_batch_fast(batch, add_special_tokens=False)]
+
+    out, batch, chars = [], [], 0
+    for text in texts:
+        if len(text) > PIECE_CHARS:
+            out += encode(batch)
+            batch, chars = [], 0
+            parts = pieces(text, PIECE_CHARS, lambda t, cut: _neutral(tok, t, cut), plain_cuts)
+            out.append(np.concatenate([encode([part])[0] for part in parts]))
+            continue
+        batch.append(text)
+        chars += len(text)
+        if chars >= PIECE_CHARS:
+            out += encode(batch)
+            batch, chars = [], 0
+    return out + encode(batch)
+
+
+def pack(token_lists: list, eos: int, block_len: int, dtype: str) -> tuple[np.ndarray, int, int]:
     """Joins documents with EOS after each; returns (blocks, document tokens, dropped tokens)."""
     lengths = [len(ids) + 1 for ids in token_lists]
     total = sum(lengths)
@@ -105,9 +149,11 @@ def process_chunk(spec: PackSpec, chunk: int, docs: list[tuple[int, str]]) -> di
         by_split[doc_split(spec.seed, doc_index, spec.val_fraction)].append(text)
     record = {"chunk": chunk, "splits": {}}
     for split, texts in by_split.items():
-        blocks, doc_tokens, dropped = pack(_encode(spec, texts), spec.eos_token_id, spec.block_len, spec.dtype) \
-            if texts else (np.empty((0, spec.block_len), spec.dtype), 0, 0)
-        entry = {"documents": len(texts), "document_tokens": doc_tokens, "dropped_tokens": dropped, "shard": None}
+        plain_cuts: list[int] = []
+        blocks, doc_tokens, dropped = pack(_encode(spec, texts, plain_cuts), spec.eos_token_id, spec.block_len,
+                                           spec.dtype) if texts else (np.empty((0, spec.block_len), spec.dtype), 0, 0)
+        entry = {"documents": len(texts), "document_tokens": doc_tokens, "dropped_tokens": dropped,
+                 "plain_cuts": len(plain_cuts), "shard": None}
         if len(blocks):
             data = tar_bytes(blocks, chunk)
             rel = f"{split}/{shard_name(chunk)}"

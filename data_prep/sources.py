@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import json
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +33,7 @@ BAD_KINDS = (
     "missing_text_field",
     "unknown_format",
     "missing_path",
+    "corrupt_file",
 )
 # Suffix (after an optional .gz) -> reader name.
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".txt": "txt", ".parquet": "parquet"}
@@ -178,7 +180,7 @@ def iter_source(source: dict, opts: SourceOptions, bad: BadInput) -> Iterator[st
     if kind == "builtin":
         texts = ((f"{source['path']}:{title}", text) for title, text in BUILTIN_CORPORA[source["spec"]].documents())
     elif kind == "file":
-        texts = READERS[source["format"]](source["path"], opts, bad)
+        texts = _until_unreadable(READERS[source["format"]](source["path"], opts, bad), source["path"], bad)
     else:
         texts = _read_hf(source, opts, bad)
     for where, text in texts:
@@ -186,6 +188,20 @@ def iter_source(source: dict, opts: SourceOptions, bad: BadInput) -> Iterator[st
             bad.report("empty_document", where, "empty document")
         else:
             yield text
+
+
+def _until_unreadable(texts, path: Path, bad: BadInput):
+    """A reader's documents until its file turns out truncated or corrupt (a cut .gz, a disk error):
+    that is reported as a bad file instead of ending the run; the documents read before it are kept."""
+    last = None
+    try:
+        for where, text in texts:
+            last = where
+            yield where, text
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        kept = f"the documents up to {last} are kept" if last else "no document could be read from it"
+        bad.report("corrupt_file", str(path), f"truncated or corrupt ({type(e).__name__}: {e}); {kept}, the rest "
+                                              "of the file is skipped")
 
 
 def _open_binary(path: Path):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,14 +36,14 @@ import torch
 from data_prep.manifest import check_vocab
 from evaluation.plan import Plan, file_sha256, plan_model
 from evaluation import documents as docs
-from evaluation.brier_stats import BrierAccumulator
-from evaluation.brierlm import baseline_brier_batched
-from evaluation.calm_brier import CALMSampler, calm_brier
+from pretrain.brier.brier_stats import BrierAccumulator
+from pretrain.brier.brierlm import baseline_brier_batched
+from pretrain.brier.calm_brier import CALMSampler, calm_brier
 from evaluation.reconstruction import DEFAULT_NOISE_STDS, reconstruction_eval
 from evaluation.results import SCHEMA, write_result
 from pretrain import distributed
 from pretrain.models.flops import train_flops_per_token
-from pretrain.stages import get_stage, load_model, stage_of_model_type
+from pretrain.stages import get_stage, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 

@@ -78,8 +78,11 @@ def trained_block_len(export: Path, run_dir: Path | None) -> int | None:
 
 
 def _data_identity(args, export: Path, stage: str, vocab: int) -> dict:
-    data = Path(args.data)
-    if data.is_dir():
+    from data_prep.remote import is_url
+
+    remote = is_url(args.data)  # shards served from object storage or HTTP, read through the verified cache
+    data = args.data if remote else Path(args.data)
+    if remote or data.is_dir():
         manifest = read_manifest(data)
         if args.split not in manifest["splits"]:
             raise ValueError(f"{data}: no split {args.split!r} (it has {sorted(manifest['splits'])})")

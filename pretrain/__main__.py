@@ -38,8 +38,12 @@ the launcher's world size (WORLD_SIZE, 1 without a launcher) and print all three
 and starts no engine, so paper-size commands can be checked on any machine before they are queued:
     python -m pretrain --stage calm --config calm-m ae_path=runs/ae/export --dry-run
 
-Exit codes: 0 done; 2 bad configuration or data (nothing trained); 3 non-finite loss (the last good
-step is checkpointed); 143 SIGTERM (checkpointed; run again to resume).
+Exit codes: 0 done; 2 bad configuration, data or checkpoint (refused before any step; or the export
+after training failed); 3 non-finite loss (the last good step is checkpointed) or nan_policy=skip
+giving up after nan_skip_limit skipped steps in a row; 4 another rank died (on the ranks left; the
+launcher names the one that failed); 130 Ctrl-C (SIGINT) and 143 SIGTERM (the step
+in progress is finished and checkpointed; run the same command again to resume; a second Ctrl-C
+exits at once without a checkpoint, and the next run resumes from the newest complete one).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -119,7 +124,9 @@ def dry_run(config: TrainConfig, world_size: int) -> int:
 
 def _block_len(config: TrainConfig, model_config) -> tuple[int, str]:
     """The shards' block length when data.path is prepared, else the longest the model takes."""
-    manifest = Path(config.data.path) / "manifest.json"
+    from pretrain.mixture import data_dirs
+
+    manifest = Path(data_dirs(config.data)[0]) / "manifest.json"  # a mixture's sources share the block length
     if manifest.is_file():
         return int(json.loads(manifest.read_text())["block_len"]), f"from {manifest}"
     positions = model_config.max_position_embeddings if hasattr(model_config, "max_position_embeddings") else 2048
@@ -128,6 +135,16 @@ def _block_len(config: TrainConfig, model_config) -> tuple[int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Outside the training steps (start-up, export): nothing was lost that a checkpoint held.
+        print("interrupted (Ctrl-C) outside the training steps; run the same command again to resume from "
+              "the newest complete checkpoint", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(args.config, args.overrides)
@@ -141,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from pretrain import checkpoint, distributed
     from pretrain.data import ManifestError, ShardError
-    from pretrain.train import EXIT_NONFINITE, Trainer, TrainingError
+    from pretrain.train import EXIT_NONFINITE, EXIT_PEER_LOST, Trainer, TrainingError
 
-    existing = checkpoint.latest_tag(config.run_dir)
+    existing = checkpoint.has_checkpoints(config.run_dir)
     if args.resume is False and existing:
-        print(f"error: --no-resume but {config.run_dir}/checkpoints holds {existing}; "
+        held = checkpoint.latest_tag(config.run_dir) or "checkpoints"
+        print(f"error: --no-resume but {config.run_dir}/checkpoints holds {held}; "
               "choose another run_dir or delete the checkpoints", file=sys.stderr)
         return 2
     resume = bool(existing) if args.resume is None else args.resume
@@ -158,14 +176,25 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"error (rank {world.rank}): {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    except RuntimeError as exc:
+        if not (reason := distributed.peer_lost(exc)):
+            raise
+        print(f"error (rank {world.rank}): another rank is gone ({reason}); its launcher's report names it. Run "
+              "the same command again to resume from the last checkpoint", file=sys.stderr)
+        return EXIT_PEER_LOST
     finally:
         distributed.shutdown()
     if code == 0 and config.export and world.is_main:
         # After the process group is gone: the other ranks have exited instead of waiting in a
         # collective that a long export could time out (NCCL's watchdog), and the export needs no group.
-        from pretrain.export import export_run
+        from pretrain.export import ExportError, export_run
 
-        export_run(config.run_dir)
+        try:
+            export_run(config.run_dir)
+        except (ExportError, ManifestError, OSError) as exc:
+            print(f"error: training finished and is checkpointed, but the export failed: {exc}; fix that and "
+                  f"run python -m pretrain.export {config.run_dir}", file=sys.stderr)
+            return 2
     return code
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,18 @@ class DataConfig:
     """Split name used for training."""
     val_split: str = "validation"
     """Split name used for periodic validation."""
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """A weighted mixture instead of `path`: [{path: DIR_OR_URL, weight: 0.7}, ...] (`pretrain.mixture`);
+    the sources must share tokenizer and block length. Empty: `path` alone."""
+
+    def __post_init__(self) -> None:
+        if self.sources:
+            from pretrain.mixture import parse_sources
+
+            try:
+                parse_sources(self.sources)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
 
 
 @dataclass
@@ -55,6 +69,16 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+
+    def check(self) -> None:
+        """Values torch's AdamW would refuse mid-start (or silently misuse), refused here by name."""
+        rules = (("lr", self.lr > 0, "> 0"), ("eps", self.eps > 0, "> 0"),
+                 ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+                 ("weight_decay", self.weight_decay >= 0, ">= 0"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                 ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"), ("grad_clip", self.grad_clip >= 0, ">= 0"))
+        for name, ok, want in rules:
+            if not ok:
+                raise ConfigError(f"optim.{name} must be {want}, got {getattr(self, name)}")
 
 
 @dataclass
@@ -104,11 +128,22 @@ class TrainConfig:
     """Validate every N steps (and at the end); 0 disables periodic validation."""
     eval_batches: int = 8
     """Validation batches per rank."""
+    eval_brier_blocks: int = 2
+    """CALM and baseline: validation blocks per rank also scored with BrierLM at each validation, each
+    cut to 128 tokens (a few hundred positions; logged as brierlm, brier_1..4); 0 turns it off."""
     log_every: int = 10
     nan_policy: str = "stop"
     """On a NaN/Inf loss: 'stop' (checkpoint the last good step, exit non-zero) or 'skip' the step."""
+    nan_skip_limit: int = 10
+    """With nan_policy=skip: this many skipped steps in a row stop the run (checkpoint, exit code 3)."""
     export: bool = True
     """Write a consolidated HF directory (`run_dir/export`) at the end of training."""
+    ce_chunk_rows: int | str = "auto"
+    """Output layer (autoencoder decoder, baseline LM head): rows of the cross-entropy formed at once, so the
+    (tokens x vocabulary) logits are never whole (`pretrain.models.losses`); 0 forms them whole; 'auto'
+    chunks only logits above 2^26 elements (256 MiB in fp32), in chunks of ~2^25 (CPU) or 2^28 (GPU) logits."""
+    activation_checkpointing: bool = False
+    """Recompute the Llama layers in backward instead of keeping their activations (calm, baseline)."""
 
     def __post_init__(self) -> None:
         from pretrain.stages import STAGE_NAMES
@@ -123,9 +158,22 @@ class TrainConfig:
             raise ConfigError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
         if self.wandb.mode not in ("auto", "online", "offline", "disabled"):
             raise ConfigError(f"wandb.mode must be auto, online, offline or disabled, got {self.wandb.mode!r}")
-        for name in ("micro_batch_size", "grad_accum_steps", "max_steps"):
+        self._check_memory_options()
+        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_batches", "log_every",
+                     "nan_skip_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "keep_last", "eval_every", "eval_brier_blocks"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.optim.check()
+
+    def _check_memory_options(self) -> None:
+        chunk = self.ce_chunk_rows
+        if chunk != "auto" and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+            raise ConfigError(f"ce_chunk_rows must be auto or an int >= 0, got {chunk!r}")
+        if self.activation_checkpointing and self.stage == "autoencoder":
+            raise ConfigError("activation_checkpointing is for the calm and baseline stages, not the autoencoder")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,14 +225,53 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where or 'config'}; known: {sorted(known)}")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for name, value in raw.items():
         f = known[name]
         sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(sub):
             kwargs[name] = _build(sub, value or {}, f"{where}.{name}".lstrip("."))
         else:
-            kwargs[name] = value
+            kwargs[name] = _typed(value, hints[name], f"{where}.{name}".lstrip("."))
     return cls(**kwargs)
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value` as field `where` declares it (an integral float for an int, an int for a float);
+    a ConfigError naming the field and the value otherwise."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _typed(value, option, where)
+            except ConfigError:
+                pass
+        kinds = [_KINDS.get(o, getattr(o, "__name__", str(o))) for o in options if o is not type(None)]
+        raise ConfigError(f"{where} must be {' or '.join(kinds)}, got {value!r}")
+    origin = typing.get_origin(hint) or hint
+    if origin in (dict, list):
+        if not isinstance(value, origin):
+            raise ConfigError(f"{where} must be a {'mapping' if origin is dict else 'list'}, got {value!r}")
+        return value
+    if origin not in _KINDS:
+        return value
+    if origin in (int, float) and isinstance(value, str):
+        value = _parse_value(value)  # "3e-4" in a YAML file is a string to PyYAML
+    if origin is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if origin is str and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # run_dir=2024 is a name, not a number
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), int: numeric and isinstance(value, int), float: numeric,
+          str: isinstance(value, str)}[origin]
+    if not ok:
+        raise ConfigError(f"{where} must be {_KINDS[origin]}, got {value!r}")
+    return float(value) if origin is float else value
 
 
 def validate_model_section(stage: str, model: dict[str, Any]) -> None:

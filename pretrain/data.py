@@ -26,9 +26,11 @@ import numpy as np
 import torch
 
 from data_prep.manifest import ManifestError, check_compatible, read_manifest
+from data_prep.remote import RemoteError, ShardCache, is_url, local_mirror
 from data_prep.tokenizer import tokenizer_sha256
 
-__all__ = ["ShardLoader", "ShardError", "ManifestError", "read_manifest", "load_tokenizer", "check_compatible"]
+__all__ = ["ShardLoader", "ShardError", "ManifestError", "read_manifest", "load_tokenizer", "check_tokenizer",
+           "check_compatible"]
 OPEN_SHARDS = 128  # memory maps kept open at once; each holds a file descriptor
 
 
@@ -36,19 +38,27 @@ class ShardError(RuntimeError):
     """A shard is missing, truncated or corrupted; the message names the file."""
 
 
+def check_tokenizer(data_dir, manifest: dict | None = None) -> Path:
+    """The directory of the tokenizer the shards were made with, checked against the manifest's hash."""
+    entry = (manifest or read_manifest(data_dir))["tokenizer"]
+    if is_url(data_dir):
+        data_dir = local_mirror(data_dir)  # the tokenizer was fetched beside the manifest
+    directory = Path(data_dir) / entry["path"]
+    if not directory.is_dir():
+        raise ManifestError(f"tokenizer directory {directory} is missing; the data directory is incomplete "
+                            "(re-run data_prep)")
+    if tokenizer_sha256(directory) != entry["sha256"]:
+        raise ManifestError(f"tokenizer files in {directory} differ from the ones recorded in the manifest "
+                            "(sha256 mismatch); the token ids of the shards would be misread: restore the "
+                            "tokenizer data_prep saved there, or re-run data_prep")
+    return directory
+
+
 def load_tokenizer(data_dir):
     """The tokenizer the shards were made with, checked against the manifest's hash."""
     from transformers import AutoTokenizer
 
-    manifest = read_manifest(data_dir)
-    entry = manifest["tokenizer"]
-    directory = Path(data_dir) / entry["path"]
-    if not directory.is_dir():
-        raise ManifestError(f"tokenizer directory {directory} is missing")
-    if tokenizer_sha256(directory) != entry["sha256"]:
-        raise ManifestError(f"tokenizer files in {directory} differ from the ones recorded in the manifest "
-                            "(sha256 mismatch); the token ids of the shards would be misread")
-    return AutoTokenizer.from_pretrained(str(directory))
+    return AutoTokenizer.from_pretrained(str(check_tokenizer(data_dir)))
 
 
 class _Shard:
@@ -110,7 +120,9 @@ class ShardLoader:
 
     def __init__(self, data_dir, split: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, epochs: int | None = None, drop_last: bool = True, verify: bool = True):
-        self.data_dir = Path(data_dir)
+        # A URL: shards come through a verified local cache (data_prep.remote), read from there.
+        self._remote = ShardCache(data_dir) if is_url(data_dir) else None
+        self.data_dir = self._remote.local if self._remote else Path(data_dir)
         self._manifest = read_manifest(self.data_dir)
         if split not in self._manifest["splits"]:
             raise ManifestError(f"{self.data_dir}: no split {split!r} (has: {list(self._manifest['splits'])})")
@@ -124,13 +136,14 @@ class ShardLoader:
         self.num_samples = int(self._starts[-1])
         self._dtype = np.dtype(self._manifest["dtype"])
         self._data_id = hashlib.sha256("".join(s["sha256"] for s in self._entries).encode()).hexdigest()
-        for entry in self._entries:
+        for entry in self._entries if self._remote is None else ():  # remote shards: checked when fetched
             path = self.data_dir / entry["path"]
             if not path.is_file():
-                raise ShardError(f"shard {path} listed in the manifest is missing")
+                raise ShardError(f"shard {path} listed in the manifest is missing; re-run data_prep (it reuses "
+                                 "the intact shards)")
             if "bytes" in entry and path.stat().st_size != entry["bytes"]:
                 raise ShardError(f"shard {path} is truncated or altered: {path.stat().st_size} bytes, "
-                                 f"the manifest says {entry['bytes']}")
+                                 f"the manifest says {entry['bytes']}; re-run data_prep to rebuild it")
         if self.num_samples == 0:
             raise ManifestError(f"{self.data_dir}: split {split!r} holds no samples")
         if drop_last and self.num_samples < self.global_batch:
@@ -185,6 +198,8 @@ class ShardLoader:
             order = self._order(self.epoch)
             while (step := self._rank_slice()) is not None:
                 part, new_offset = step
+                if self._remote is not None:
+                    self._prefetch(order, new_offset)
                 batch = self._gather(order[part]) if part.stop > part.start else None
                 self.offset = new_offset
                 if batch is not None:
@@ -196,17 +211,45 @@ class ShardLoader:
         rows = [self._shard(s).read(i - self._starts[s]) for s, i in zip(shard_ids.tolist(), indices.tolist())]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
+    def _prefetch(self, order: np.ndarray, offset: int) -> None:
+        """Remote data: queue the shards of the samples after `offset` (this epoch), in reading order."""
+        upcoming = order[offset : offset + self.global_batch * max(1, self._remote.ahead)]
+        shard_ids = dict.fromkeys((np.searchsorted(self._starts, upcoming, side="right") - 1).tolist())
+        self._remote.prefetch([self._entries[s] for s in shard_ids])
+
     def _shard(self, s: int) -> _Shard:
         shard = self._shards.get(s)
+        entry = self._entries[s]
+        # Remote: (re)fetched if evicted, verified by the cache, so not hashed a second time here.
+        try:
+            path = self._remote.fetch(entry) if self._remote else self.data_dir / entry["path"]
+        except RemoteError as exc:
+            raise ShardError(str(exc)) from exc
         if shard is None:
-            entry = self._entries[s]
-            shard = self._shards[s] = _Shard(self.data_dir / entry["path"], entry, self.block_len, self._dtype,
-                                             self.verify)
+            shard = self._shards[s] = _Shard(path, entry, self.block_len, self._dtype,
+                                             self.verify and self._remote is None)
         self._mapped[s] = None
         self._mapped.move_to_end(s)
         if len(self._mapped) > OPEN_SHARDS:
             self._shards[self._mapped.popitem(last=False)[0]].map = None
         return shard
+
+    def verify_all(self) -> None:
+        """Collective: checksum and index every shard now, the shards shared out over the ranks; the
+        same ShardError on every rank if any is bad. Shards first opened later skip the sha256."""
+        from pretrain import distributed
+
+        problems = []
+        for s in range(self.rank, len(self._entries), self.world_size):
+            try:
+                self._shard(s)
+            except ShardError as exc:
+                problems.append(str(exc))
+        problems = distributed.gather_lists(problems)
+        if problems:
+            more = f" (and {len(problems) - 1} more bad shard(s))" if len(problems) > 1 else ""
+            raise ShardError(problems[0] + more)
+        self.verify = False
 
     def state_dict(self) -> dict:
         return {"split": self.split, "epoch": self.epoch, "offset": self.offset, "seed": self.seed,
@@ -218,6 +261,7 @@ class ShardLoader:
         mine = self.state_dict()
         for key in ("split", "seed", "shuffle", "num_samples", "data_id"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"cannot resume {self.data_dir} split {self.split!r}: loader state has "
-                                 f"{key}={state.get(key)!r} but this loader has {mine[key]!r}")
+                raise ManifestError(f"cannot resume {self.data_dir} split {self.split!r}: loader state has "
+                                    f"{key}={state.get(key)!r} but this loader has {mine[key]!r} (the "
+                                    "checkpoint was trained on other data, split, seed or shuffling)")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])

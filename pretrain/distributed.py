@@ -117,6 +117,15 @@ def any_true(flag: bool | torch.Tensor) -> bool:
     return not all_true(torch.as_tensor(flag).logical_not())
 
 
+def gather_lists(items: list) -> list:
+    """Every rank's `items` (picklable), concatenated in rank order, on every rank. A copy without a group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(items)
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]
+
+
 def free_ports(count: int) -> list[int]:
     """Distinct TCP ports on 127.0.0.1 that are free now (held open together while chosen, so no two
     are the same), for single-node rendezvous."""
@@ -139,7 +148,23 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed")
+"""How gloo words a collective whose other side has exited; NCCL raises DistBackendError instead."""
+
+
+def peer_lost(exc: BaseException) -> str | None:
+    """How a collective failed because another rank is gone (killed, crashed), not through this one;
+    None when it failed otherwise."""
+    if isinstance(exc, getattr(torch.distributed, "DistBackendError", ())):
+        return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return next((text for text in _PEER_GONE if text in str(exc)), None)
+
+
 def shutdown() -> None:
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        try:
+            torch.distributed.barrier()
+        except RuntimeError as exc:
+            if not peer_lost(exc):  # a dead rank cannot join the last barrier; tear down regardless
+                raise
         torch.distributed.destroy_process_group()

@@ -62,12 +62,15 @@ def export_run(run_dir: str | Path, tag: str | None = None, output: str | Path |
     if missing or unexpected:
         raise ExportError(f"checkpoint {root / tag} does not fit the {stage} model of its config.yaml: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    manifest = read_manifest(config["data"]["path"])
+    # A mixture's sources share one tokenizer (pretrain.mixture): the first one's is the model's.
+    sources = config["data"].get("sources") or []
+    data = sources[0]["path"] if sources else config["data"]["path"]
+    manifest = read_manifest(data)
     training = {"stage": stage, "step": trainer_state["step"], "tokens_seen": trainer_state["tokens_seen"],
                 "block_len": manifest["block_len"], "checkpoint": str(root / tag),
-                "data": config["data"]["path"], "data_tokenizer": manifest["tokenizer"]}
+                "data": sources or config["data"]["path"], "data_tokenizer": manifest["tokenizer"]}
     output = Path(output) if output else run_dir / "export"
-    return save_export(model, stage, load_tokenizer(config["data"]["path"]), output, training, manifest, run_dir)
+    return save_export(model, stage, load_tokenizer(data), output, training, manifest, run_dir)
 
 
 def convert_authors(source: str | Path, output: str | Path, ae_path: str | None = None,

@@ -4,12 +4,19 @@ metrics.jsonl is always written so a run can be plotted without W&B; one JSON ob
 non-finite numbers written as null:
 
     {"split": "train", "step", "tokens_seen", "loss" (mean over the logging window and the ranks),
-     ["ce", "kl", "accuracy" (autoencoder)], "lr", "grad_norm" (before clipping), "skipped_steps",
-     "tokens_per_s", "step_time_s", "train_flops" (cumulative, evaluation.flops), "tflops" (achieved),
+     ["ce", "kl", "accuracy" (autoencoder; accuracy: the logged step's only)], ["fidelity" 2E||x-y||,
+     "diversity" E||x-x'|| (CALM: the energy loss is their difference)], "lr", "grad_norm"
+     (before clipping), "skipped_steps",
+     "tokens_per_s", "step_time_s", "train_flops" (cumulative, pretrain.models.flops), "tflops" (achieved),
      ["mfu" (known GPUs only)], "mem_allocated_gib" and "mem_reserved_gib" (GPU) or "mem_rss_gib" (CPU)}
     {"split": "validation", "step", "tokens_seen", "loss", and per stage: "ce",
      "reconstruction_accuracy" (latents sampled), "accuracy_mean_latent" (autoencoder);
      "energy_loss" (CALM); "ce" (baseline)}
+
+A resumed run (`resume_step`) first drops the records of the steps after its checkpoint, which it
+is about to log again, so the file holds every step once after any number of resumes; it continues
+the same W&B run and sends it only the steps W&B has not had yet (W&B keeps the first value of a
+step; a resume is exact, so the losses it re-logs are the same).
 
 W&B runs online when an API key is configured, offline otherwise (mode 'auto'), and keep all of
 their files inside the run directory. MFU needs a peak FLOP/s figure, which only exists for known
@@ -18,10 +25,12 @@ accelerators (the table below); on CPU it is omitted.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +81,31 @@ def wandb_mode(configured: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def truncate_after(path: Path, step: int) -> int:
+    """Drop the records of steps after `step` from a metrics file (and a line cut short by a kill);
+    returns the last step it held before."""
+    if not path.exists():
+        return 0
+    kept, last = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        last = max(last, record.get("step", 0))
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return last
+
+
 class MetricsLogger:
     """Writes records on rank 0; every other rank gets a logger that does nothing."""
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool, wandb_config: Any = None,
-                 config_dict: dict | None = None, run_id: str | None = None):
+                 config_dict: dict | None = None, run_id: str | None = None, resume_step: int = 0):
         self.enabled = enabled
         self.run = None
         self.run_id = run_id
@@ -84,8 +113,18 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        logged_through = truncate_after(run_dir / "metrics.jsonl", resume_step)
+        # Steps up to here reached the W&B run being resumed (a new run has none).
+        self._wandb_done = logged_through if run_id else 0
         self._file = open(run_dir / "metrics.jsonl", "a")
         mode = wandb_mode(wandb_config.mode) if wandb_config is not None else "disabled"
+        if mode != "disabled" and importlib.util.find_spec("wandb") is None:
+            # A machine's own Python (CALM_PYTHON, e.g. a GPU node without an index) may lack wandb.
+            if wandb_config.mode != "auto":
+                raise RuntimeError(f"wandb.mode={wandb_config.mode} but wandb is not installed "
+                                   "(pip install wandb, or wandb.mode=disabled)")
+            print("wandb is not installed: metrics go to metrics.jsonl only", file=sys.stderr, flush=True)
+            mode = "disabled"
         if mode == "disabled":
             return
         wandb_dir = run_dir / "wandb"
@@ -109,7 +148,7 @@ class MetricsLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
-        if self.run is not None:
+        if self.run is not None and record["step"] > self._wandb_done:
             prefix = "val/" if record.get("split") == "validation" else "train/"
             self.run.log({prefix + k: v for k, v in record.items()
                           if k not in ("split", "step") and isinstance(v, (int, float))},

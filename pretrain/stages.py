@@ -20,25 +20,50 @@ from typing import Any, Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from pretrain.models import flops
 from pretrain.models.attention import attn_implementation
 from pretrain.models.autoencoder import Autoencoder, AutoencoderConfig
 from pretrain.models.baseline import baseline_config
 from pretrain.models.calm import CALM, CALMConfig
+from pretrain.models.losses import linear_cross_entropy, resolve_chunk_rows
 
 
-def _autoencoder_objective(model, batch: torch.Tensor):
+def _autoencoder_objective(model, batch: torch.Tensor, metrics: bool = True, ce_chunk_rows: int | str = "auto"):
+    return model(input_ids=batch, accuracy=metrics, ce_chunk_rows=ce_chunk_rows)
+
+
+def _calm_objective(model, batch: torch.Tensor, metrics: bool = True, ce_chunk_rows: int | str = "auto"):
     return model(input_ids=batch)
 
 
-def _baseline_objective(model, batch: torch.Tensor):
-    return model(input_ids=batch, labels=batch)
+def _baseline_objective(model, batch: torch.Tensor, metrics: bool = True, ce_chunk_rows: int | str = "auto"):
+    """Next-token cross-entropy. Small logits: transformers' own loss, unchanged. Large ones (see
+    `losses.resolve_chunk_rows`): the backbone's final hidden states through the LM head in chunks of
+    rows, so the (tokens x vocabulary) logits are never whole; the model stays a plain Llama."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine or the model itself
+    head = module.lm_head
+    rows = resolve_chunk_rows(ce_chunk_rows, batch.numel(), module.config.vocab_size, batch.device.type)
+    if not rows:
+        return model(input_ids=batch, labels=batch)
+    # logits_to_keep=1: the head's own forward makes one position's logits; hidden_states[-1] is the
+    # final (normed) hidden state of every position.
+    out = model(input_ids=batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, :-1]
+    # The head's weight as an output of the head's own forward (identity @ W^T is W^T exactly, in any
+    # float format): under ZeRO-3 the partitioned weight is gathered for that call and again for its
+    # gradient in backward, as for any module call, so nothing reads it outside its module.
+    eye = torch.eye(hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    loss, _ = linear_cross_entropy(hidden, head(eye).T, batch[:, 1:], rows)
+    return CausalLMOutputWithPast(loss=loss)
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of the pipeline. `objective(model, batch)` returns a model output with `.loss`."""
+    """One stage of the pipeline. `objective(model, batch, metrics=True, ce_chunk_rows="auto")` returns
+    a model output with `.loss` (`metrics=False`: skip per-step extras such as the autoencoder's
+    accuracy; `ce_chunk_rows`: the output layer's chunking, `pretrain.models.losses`)."""
 
     name: str
     model_type: str
@@ -82,7 +107,7 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "autoencoder": Stage("autoencoder", "autoencoder", AutoencoderConfig, Autoencoder, "AutoModel",
                          "reconstruction_accuracy", _autoencoder_objective, has_attention=False),
-    "calm": Stage("calm", "energy", CALMConfig, CALM, "AutoModel", "energy_loss", _autoencoder_objective,
+    "calm": Stage("calm", "energy", CALMConfig, CALM, "AutoModel", "energy_loss", _calm_objective,
                   has_attention=True),
     "baseline": Stage("baseline", "llama", LlamaConfig, LlamaForCausalLM, "AutoModelForCausalLM", "ce",
                       _baseline_objective, has_attention=True),
@@ -112,6 +137,7 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     zero3_config: dict | None = None,
     frozen_ae_outside: bool = False,
+    activation_checkpointing: bool = False,
 ) -> PreTrainedModel:
     """A freshly initialised model of `stage`, built on the current default device in `dtype`.
 
@@ -123,6 +149,7 @@ def build_model(
     are loaded from `ae_path` unless the model is built on the meta device or without an ae_path (an
     in-memory `ae_config`: tests, counting); with `frozen_ae_outside` (training) it is kept whole, in
     float32 and out of the module tree, so ZeRO neither partitions, optimizes nor checkpoints it.
+    `activation_checkpointing`: see `enable_activation_checkpointing`.
     """
     spec = get_stage(stage)
     if isinstance(model_kwargs, PreTrainedConfig):
@@ -142,7 +169,27 @@ def build_model(
     del hf_ds
     if stage == "calm" and config.ae_path and model.transformer.embed_tokens.weight.device.type != "meta":
         _attach_autoencoder(model, config.ae_path, frozen_ae_outside, torch.device(device or "cpu"))
+    if activation_checkpointing:
+        enable_activation_checkpointing(model, stage)
     return model
+
+
+def enable_activation_checkpointing(model: PreTrainedModel, stage: str) -> None:
+    """Recompute each Llama decoder layer in backward instead of keeping its activations (CALM's
+    backbone, the baseline): only the layers' inputs stay alive, at the cost of a second forward pass
+    of the layers. Non-reentrant `torch.utils.checkpoint`: under ZeRO-3 the recomputation runs the
+    layer's modules again, so their partitioned weights are gathered again by DeepSpeed's hooks, and
+    the gradients reach ZeRO's per-parameter hooks once per step as without checkpointing. The
+    autoencoder has no attention and is small next to its logits: it is refused."""
+    if stage == "autoencoder":
+        raise ValueError("activation checkpointing is for the calm and baseline stages (the autoencoder's "
+                         "memory is its logits: see ce_chunk_rows)")
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: the alias
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _attach_autoencoder(model: CALM, ae_path: str, outside: bool, device: torch.device) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -27,13 +28,17 @@ import torch
 from data_prep.manifest import ManifestError, check_compatible
 from pretrain import checkpoint, distributed
 from pretrain.config import REPO_ROOT, ConfigError, TrainConfig, save_config
+from pretrain.data import check_tokenizer
 from pretrain.ds_config import build_ds_config, offloads_optimizer
 from pretrain.metrics import MetricsLogger, memory_stats, peak_tflops
 from pretrain.stages import build_model, get_stage
 from pretrain.state import TrainState, seed_everything
 
 EXIT_NONFINITE = 3
-EXIT_SIGTERM = 143
+EXIT_PEER_LOST = 4
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""Signals that stop a run after the current step with a checkpoint; the exit code is 128 + the signal."""
+EXIT_SIGINT = 128 + signal.SIGINT
 
 
 class TrainingError(RuntimeError):
@@ -122,6 +127,24 @@ def check_autoencoder(ae_path: str | None, calm_config, manifest: dict | None = 
             raise ConfigError(str(exc)) from exc
 
 
+def check_export_weights(export_dir: str) -> None:
+    """Every safetensors file of an export is whole (its header covers the file), checked before the
+    model is built from it; a ConfigError naming the file otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(Path(export_dir).glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"ae_path={export_dir}: no *.safetensors weights there; re-export the autoencoder run "
+                          "(python -m pretrain.export AE_RUN_DIR)")
+    for file in files:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(f"ae_path={export_dir}: {file.name} is damaged ({exc}); re-export the autoencoder "
+                              "run (python -m pretrain.export AE_RUN_DIR)") from exc
+
+
 def _register_tied_weights(model: torch.nn.Module) -> None:
     """Under ZeRO-3, a weight used by a module that does not own it must be registered as external.
 
@@ -162,7 +185,8 @@ def build_engine(config: TrainConfig, model_config, ds_config: dict, device: tor
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     torch.manual_seed(config.seed)  # the same initial weights on every rank and in every run of this seed
     model = build_model(config.stage, model_config, device=device, dtype=dtype_of(precision),
-                        zero3_config=ds_config if zero3 else None, frozen_ae_outside=True)
+                        zero3_config=ds_config if zero3 else None, frozen_ae_outside=True,
+                        activation_checkpointing=config.activation_checkpointing)
     optimizer = optimizer_class(ds_config)(param_groups(model, config.optim.weight_decay), lr=lr_at(config, 0),
                                            betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -171,12 +195,13 @@ def build_engine(config: TrainConfig, model_config, ds_config: dict, device: tor
     return engine, optimizer
 
 
-def forward(engine, stage: str, batch: torch.Tensor):
-    """The stage's training objective on one batch (a model output with .loss)."""
-    return get_stage(stage).objective(engine, batch)
+def forward(engine, stage: str, batch: torch.Tensor, **options):
+    """The stage's training objective on one batch (a model output with .loss); `options` are the
+    objective's (`metrics`, `ce_chunk_rows`: see `pretrain.stages.Stage`)."""
+    return get_stage(stage).objective(engine, batch, **options)
 
 
-AUX_METRICS = ("ce", "kl", "accuracy")
+AUX_METRICS = ("ce", "kl", "accuracy", "fidelity", "diversity")
 """Per-micro-batch extras of a model output that are logged beside the loss when present."""
 
 
@@ -192,46 +217,63 @@ class StepResult:
     """Loss finite on every rank and the global gradient norm finite."""
     applied: bool
     """The engine updated the weights (it skips a step whose gradient norm is not finite)."""
-    stop_requested: bool
-    """Some rank received SIGTERM."""
+    stop_signal: int
+    """The stop signal (`STOP_SIGNALS`) some rank received, the same on every rank; 0 for none."""
 
 
 class Trainer:
     """One training run: `Trainer(config, world, resume).run()` returns the process exit code."""
 
     def __init__(self, config: TrainConfig, world: distributed.World, resume: bool = False):
-        from pretrain.data import ShardLoader
+        from pretrain.mixture import train_loader, val_loaders
 
         self.config = config
         self.world = world
         self.resume = resume
-        self.loader = ShardLoader(config.data.path, config.data.train_split, config.micro_batch_size,
-                                  rank=world.rank, world_size=world.world_size, seed=config.seed, shuffle=True)
+        self.loader = train_loader(config, world)  # data.path, or the weighted mixture of data.sources
         self.stage = get_stage(config.stage)
         model_config = self.stage.build_config(config.model, config.ae_path)
         check_compatibility(config, model_config, self.loader.manifest)
+        for source in getattr(self.loader, "sources", [self.loader]):
+            check_tokenizer(source.data_dir, source.manifest)
+        if config.stage == "calm":
+            check_export_weights(config.ae_path)
         if config.eval_every:
-            # One validation loader for the whole run, rewound before each validation: its shards are
-            # checksummed once, and a missing validation split fails here, before any step.
-            self.val_loader = ShardLoader(config.data.path, config.data.val_split, config.micro_batch_size,
-                                          rank=world.rank, world_size=world.world_size, seed=config.seed,
-                                          shuffle=False)
-            self.val_start = self.val_loader.state_dict()
+            # One validation loader for the whole run, rewound before each validation.
+            # By metric prefix: "" the whole data, "NAME/" each source of a mixture.
+            self.val_loaders = val_loaders(config, world)
+            self.val_starts = {prefix: loader.state_dict() for prefix, loader in self.val_loaders.items()}
+        # Every shard the run will read is checksummed now, not when it is first opened (hours in);
+        # remote shards are checked by their cache as they arrive instead (not all downloaded here).
+        for loader in (self.loader, *getattr(self, "val_loaders", {}).values()):
+            if getattr(loader, "_remote", None) is None:
+                loader.verify_all()
         self.block_len = self.loader.block_len
         self.precision = resolve_precision(config, world.device)
         self.ds_config = build_ds_config(config, world.world_size, self.precision, REPO_ROOT)
         if resume:
             universal = bool(self.ds_config.get("checkpoint", {}).get("load_universal", False))
-            checkpoint.check_world_size(config, world, universal)
+            self.resume_tag = checkpoint.select(config, world, universal)
+            checkpoint.check_world_size(config, world, universal, self.resume_tag)
+            checkpoint.check_model(config, self.resume_tag)
         self.engine, self.optimizer = build_engine(config, model_config, self.ds_config, world.device, self.precision)
         self.dtype = dtype_of(self.precision)
         self.tokens_per_step = self.engine.train_batch_size() * self.block_len
         self.flops_per_token = self.stage.train_flops_per_token(model_config, self.block_len)
         self.peak = peak_tflops(world.device)
-        self._stop_requested = False
+        self._stop_signal = 0
+        self.logger = self._progress = None
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._stop_requested = True
+    def _on_signal(self, signum, frame) -> None:
+        """SIGTERM or Ctrl-C: finish the step, checkpoint, exit. A second Ctrl-C exits at once."""
+        if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
+            # os.write, not print: the handler may interrupt a print to the same stream.
+            os.write(2, b"\nsecond Ctrl-C: exiting now without a checkpoint; the next run resumes from the newest "
+                        b"complete one\n")
+            os._exit(EXIT_SIGINT)
+        if signum == signal.SIGINT and self.world.is_main:
+            os.write(2, b"\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to exit at once)\n")
+        self._stop_signal = self._stop_signal or signum
 
     def _set_lr(self, step: int) -> float:
         lr = lr_at(self.config, step)
@@ -246,9 +288,13 @@ class Trainer:
             raise TrainingError(str(exc)) from exc
 
     def _start(self) -> TrainState:
-        """The state to continue from: the latest checkpoint's, or step 0 with per-rank noise streams."""
+        """The state to continue from: the selected checkpoint's, or step 0 with per-rank noise streams."""
         if self.resume:
-            return checkpoint.load(self.engine, self.config, self.world)
+            state = checkpoint.load(self.engine, self.config, self.world, self.resume_tag)
+            if self.world.is_main:
+                where = checkpoint.checkpoint_root(self.config.run_dir) / self.resume_tag
+                print(f"resuming from step {state.step} (checkpoint {where})", flush=True)
+            return state
         # Same weights everywhere (built from `seed`), but per-rank dropout/noise streams.
         seed_everything(self.config.seed + self.world.rank)
         return TrainState()
@@ -256,29 +302,36 @@ class Trainer:
     def run(self) -> int:
         config, world = self.config, self.world
         Path(config.run_dir).mkdir(parents=True, exist_ok=True)
-        state = self._start()
-        if state.loader is not None:
-            self.loader.load_state_dict(state.loader)
-        if world.is_main:
-            save_config(config, Path(config.run_dir) / "config.yaml")
-        self.logger = MetricsLogger(config.run_dir, world.is_main, config.wandb, config.to_dict(), state.wandb_run_id)
-        state.wandb_run_id = self.logger.run_id if world.is_main else None
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         try:
+            state = self._start()
+            if state.loader is not None:
+                self.loader.load_state_dict(state.loader)
+            if world.is_main:
+                save_config(config, Path(config.run_dir) / "config.yaml")
+            self.logger = MetricsLogger(config.run_dir, world.is_main, config.wandb, config.to_dict(),
+                                        state.wandb_run_id, resume_step=state.step)
+            state.wandb_run_id = self.logger.run_id if world.is_main else None
             return self.train(state)
         finally:
-            signal.signal(signal.SIGTERM, previous)
-            self.logger.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self._progress is not None:
+                self._progress.close()
+            if self.logger is not None:
+                self.logger.close()
 
-    def train_step(self, data) -> StepResult:
+    def train_step(self, data, metrics: bool = True) -> StepResult:
         """One optimizer step: forward/backward over `grad_accum_steps` micro-batches, the engine's
         step (it accumulates, clips and applies at the last one), then one host sync for all ranks'
-        verdicts (finite loss and gradient norm, SIGTERM)."""
+        verdicts (finite loss and gradient norm, a stop signal). `metrics=False` (a step that is not logged)
+        skips the per-step extras such as the autoencoder's accuracy."""
         engine, device = self.engine, self.world.device
         skipped_before = engine.skipped_steps
         losses, aux = [], {}
         for _ in range(self.config.grad_accum_steps):
-            out = forward(engine, self.config.stage, next(data).to(device, non_blocking=True))
+            out = forward(engine, self.config.stage, next(data).to(device, non_blocking=True), metrics=metrics,
+                          ce_chunk_rows=self.config.ce_chunk_rows)
             engine.backward(out.loss)
             engine.step()
             losses.append(out.loss.detach().float())
@@ -290,9 +343,9 @@ class Trainer:
         losses = torch.stack(losses)
         norm = engine.get_global_grad_norm()
         norm_finite = torch.isfinite(torch.as_tensor(0.0 if norm is None else norm, device=device))
-        flags = torch.stack([~torch.isfinite(losses).all(), ~norm_finite,
-                             torch.tensor(self._stop_requested, device=device)]).float()
-        bad_loss, bad_norm, stop = (v > 0 for v in distributed.all_reduce(flags, op="max").tolist())
+        flags = torch.stack([~torch.isfinite(losses).all(), ~norm_finite]).float()
+        flags = torch.cat([flags, torch.tensor([float(self._stop_signal)], device=device)])
+        bad_loss, bad_norm, stop = distributed.all_reduce(flags, op="max").tolist()
         applied = engine.skipped_steps == skipped_before
         if bad_norm and applied:
             # The engine applied a non-finite update (DeepSpeed skips such steps in 0.19.8; this guards
@@ -301,22 +354,24 @@ class Trainer:
                                 f"are no longer finite and were not saved ({self.config.run_dir}/checkpoints "
                                 "holds the last good state)")
         return StepResult(losses, {k: torch.stack(v) for k, v in aux.items()}, not (bad_loss or bad_norm),
-                          applied, stop)
+                          applied, int(stop))
 
     def train(self, state: TrainState) -> int:
-        """Steps until `max_steps` (or SIGTERM): log, validate and checkpoint on their schedules."""
+        """Steps until `max_steps` (or a stop signal): log, validate and checkpoint on their schedules."""
         from tqdm import tqdm
 
         config, world = self.config, self.world
         data = iter(self.loader)
-        progress = tqdm(total=config.max_steps, initial=state.step, disable=not world.is_main,
-                        desc=config.stage, dynamic_ncols=True)
+        # closed by run() too, so that an error message does not land on the bar's line
+        progress = self._progress = tqdm(total=config.max_steps, initial=state.step, disable=not world.is_main,
+                                         desc=config.stage, dynamic_ncols=True)
         window = Window()
         self.engine.train()
+        skipped_in_a_row = 0
         while state.step < config.max_steps:
             before = state.capture(self.loader)
             lr = self._set_lr(state.step)
-            result = self.train_step(data)
+            result = self.train_step(data, metrics=self._logged(state.step + 1))
             if config.nan_policy == "stop" and not (result.finite and result.applied):
                 self._save(before)
                 raise TrainingError(
@@ -327,27 +382,43 @@ class Trainer:
             state.tokens_seen += self.tokens_per_step
             window.add(result, self.tokens_per_step)
             progress.update(1)
-            if self._after_step(state, lr, window, result.stop_requested, progress):
+            skipped_in_a_row = 0 if result.finite and result.applied else skipped_in_a_row + 1
+            give_up = skipped_in_a_row >= config.nan_skip_limit
+            if self._after_step(state, lr, window, result.stop_signal, progress, save=give_up):
                 progress.close()
-                return EXIT_SIGTERM
+                return 128 + result.stop_signal
+            if give_up:
+                first = state.step - skipped_in_a_row + 1
+                raise TrainingError(
+                    f"nan_policy=skip gave up: steps {first}-{state.step} all had a non-finite loss or gradient "
+                    f"norm and were skipped (nan_skip_limit={config.nan_skip_limit} in a row); the weights are "
+                    f"still those of step {first - 1}, checkpointed as step {state.step} in {config.run_dir}/"
+                    "checkpoints. Lower optim.lr or raise optim.warmup_steps")
         progress.close()
         return 0
 
-    def _after_step(self, state: TrainState, lr: float, window: "Window", stop: bool, progress) -> bool:
-        """Logging, validation and checkpoints due after `state.step`; True when the run must stop."""
+    def _logged(self, step: int) -> bool:
+        """Whether the training record is written after optimizer step `step` (1-based)."""
+        return step % self.config.log_every == 0 or step == self.config.max_steps
+
+    def _after_step(self, state: TrainState, lr: float, window: "Window", stop: int, progress,
+                    save: bool = False) -> bool:
+        """Logging, validation and checkpoints due after `state.step` (`save` forces one); True when
+        the run must stop (`stop` is the stop signal, 0 for none)."""
         config = self.config
-        logged = state.step % config.log_every == 0 or state.step == config.max_steps
+        logged = self._logged(state.step)
         if logged:
             record = self._train_record(state, lr, window)
             progress.set_postfix(loss=f"{record['loss']:.4f}")
         if config.eval_every and (state.step % config.eval_every == 0 or state.step == config.max_steps):
             self.validate(state.step, state.tokens_seen)
         due = config.save_every and state.step % config.save_every == 0
-        if stop or due or state.step == config.max_steps:
+        if stop or due or save or state.step == config.max_steps:
             self._save(state.capture(self.loader))
         if stop and self.world.is_main:
-            print(f"SIGTERM: saved checkpoint at step {state.step} in {config.run_dir}/checkpoints; "
-                  "re-run with --resume to continue", flush=True)
+            name = "SIGTERM" if stop == signal.SIGTERM else "Ctrl-C (SIGINT)"
+            progress.write(f"{name}: saved checkpoint at step {state.step} in {config.run_dir}/checkpoints; "
+                           f"run the same command again to resume (exit code {128 + stop})")
         if logged:
             # Validation and checkpoint time stay out of the next window's tokens/s.
             window.reset()
@@ -370,6 +441,8 @@ class Trainer:
         if self.peak is not None:
             record["mfu"] = record["tflops"] / (self.peak * self.world.world_size)
         record.update(memory_stats(self.world.device))
+        if hasattr(self.loader, "proportions"):  # a mixture: the realised share of each source so far
+            record.update({f"mix/{name}": share for name, share in self.loader.proportions().items()})
         self.logger.log(record)
         return record
 
@@ -378,29 +451,46 @@ class Trainer:
         """Mean validation metrics over `eval_batches` batches per rank (same count on every rank,
         since every ZeRO-3 forward is collective), with a fixed seed so steps are comparable."""
         config, world, engine = self.config, self.world, self.engine
-        self.val_loader.load_state_dict(self.val_start)
         plain_ae = self._plain_autoencoder() if config.stage == "autoencoder" else None
         engine.eval()
         sums: dict[str, torch.Tensor] = {}
-        with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
-            torch.manual_seed(config.seed)
-            for _, batch in zip(range(config.eval_batches), self.val_loader):
-                for name, value in self._eval_batch(batch.to(world.device), plain_ae).items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().double()
-        engine.train()
+        for prefix, loader in self.val_loaders.items():
+            loader.load_state_dict(self.val_starts[prefix])
+            with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
+                torch.manual_seed(config.seed)
+                for _, batch in zip(range(config.eval_batches), loader):
+                    for name, value in self._eval_batch(batch.to(world.device), plain_ae).items():
+                        sums[prefix + name] = sums.get(prefix + name, 0.0) + value.detach().double()
         names = sorted(sums)
         totals = distributed.all_reduce(torch.stack([sums[n] for n in names]))
         record = {"split": "validation", "step": step, "tokens_seen": tokens_seen,
                   **{n: v / (config.eval_batches * world.world_size) for n, v in zip(names, totals.tolist())}}
+        record.update(self._brier_probe())
+        engine.train()
         self.logger.log(record)
         return record
 
+    def _brier_probe(self) -> dict[str, float]:
+        """BrierLM on the first `eval_brier_blocks` validation blocks of each rank (pretrain.brier.probe)."""
+        config = self.config
+        if not config.eval_brier_blocks or config.stage == "autoencoder":
+            return {}
+        from pretrain.brier.probe import brier_probe
+
+        loader = next(iter(self.val_loaders.values()))
+        loader.load_state_dict(next(iter(self.val_starts.values())))
+        blocks = torch.cat([batch for _, batch in zip(range(config.eval_brier_blocks), loader)])[:config.eval_brier_blocks]
+        zero3 = self.ds_config["zero_optimization"]["stage"] == 3
+        with torch.random.fork_rng(devices=[self.world.device] if self.world.device.type == "cuda" else []):
+            return brier_probe(self.engine.module, config.stage, blocks.to(self.world.device),
+                               config.seed + self.world.rank, zero3)
+
     def _eval_batch(self, batch: torch.Tensor, plain_ae) -> dict[str, torch.Tensor]:
         if plain_ae is not None:
-            out = plain_ae(input_ids=batch)
+            out = plain_ae(input_ids=batch, ce_chunk_rows=self.config.ce_chunk_rows)
             return {"loss": out.loss, "ce": out.ce, "accuracy_mean_latent": out.accuracy,
                     "reconstruction_accuracy": plain_ae.reconstruction_accuracy(batch, sample=True)}
-        out = forward(self.engine, self.config.stage, batch)
+        out = forward(self.engine, self.config.stage, batch, ce_chunk_rows=self.config.ce_chunk_rows)
         return {"loss": out.loss, self.stage.validation_metric: out.loss}
 
     def _plain_autoencoder(self):
@@ -450,5 +540,6 @@ class Window:
             for value in row:
                 step_loss += value / accum
             loss += step_loss
-        aux = {name: float(torch.stack(v).double().sum()) / (self.steps * accum) for name, v in self.aux.items()}
+        # Per name over the micro-batches that reported it (the autoencoder's accuracy: logged steps only).
+        aux = {name: float(torch.stack(v).double().sum()) / torch.stack(v).numel() for name, v in self.aux.items()}
         return loss / self.steps, aux

@@ -21,6 +21,8 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.utils import ModelOutput
 
+from .losses import linear_cross_entropy, resolve_chunk_rows
+
 
 class AutoencoderConfig(PreTrainedConfig):
     """Fields of the authors' `AutoencoderConfig`; defaults are the released 75M model (Llama 3 vocabulary)."""
@@ -176,7 +178,11 @@ class Autoencoder(PreTrainedModel):
         hidden = self.decoder(latents)
         return F.linear(hidden, self.encoder.embed_tokens.weight)
 
-    def forward(self, input_ids: torch.LongTensor, **kwargs) -> AutoencoderOutput:
+    def forward(self, input_ids: torch.LongTensor, accuracy: bool = True, ce_chunk_rows: int | str = 0,
+                **kwargs) -> AutoencoderOutput:
+        """`accuracy=False` skips the argmax over the logits (training computes it on logged steps only).
+        `ce_chunk_rows` ("auto" or rows; 0 = whole logits, the default) computes the cross-entropy in
+        chunks of rows (`losses.linear_cross_entropy`); the output then has no logits."""
         config = self.config
         self._check_length(input_ids)
         if self.training:
@@ -187,16 +193,26 @@ class Autoencoder(PreTrainedModel):
         else:
             mu, log_sigma = self.encode(input_ids)
             z = mu
-        logits = self.decode(z)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten())
+        weight = self.encoder.embed_tokens.weight
+        rows = resolve_chunk_rows(ce_chunk_rows, input_ids.numel(), config.vocab_size, input_ids.device.type)
+        acc = None
+        if rows:
+            ce, correct = linear_cross_entropy(self.decoder(z), weight, input_ids, rows, count_correct=accuracy)
+            logits = None
+            if accuracy:
+                acc = correct.float() / input_ids.numel()
+        else:
+            logits = self.decode(z)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten())
+            if accuracy:
+                with torch.no_grad():
+                    acc = (logits.argmax(-1) == input_ids).float().mean()
         kl = clamped_kl(mu.float(), log_sigma.float(), config.kl_clamp).mean()
         loss = config.patch_size * ce + config.kl_weight * kl if self.training else ce
-        with torch.no_grad():
-            accuracy = (logits.argmax(-1) == input_ids).float().mean()
         # In training the (tokens x vocabulary) logits are not handed out: an output holding them would
         # keep them alive through backward, which needs only the loss's own saved tensors.
         return AutoencoderOutput(loss=loss, logits=None if self.training else logits, ce=ce.detach(),
-                                 kl=kl.detach(), accuracy=accuracy)
+                                 kl=kl.detach(), accuracy=acc)
 
     @torch.no_grad()
     def reconstruct(self, input_ids: torch.LongTensor, sample: bool = True, noise_std: float = 0.0) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 from data_prep.sources import DataError
 from tests.data_prep.test_pipeline import make_texts, prep, write_jsonl
 
+pytestmark = pytest.mark.faults
 GOOD = make_texts(8, seed=5)
 
 

@@ -105,6 +105,7 @@ def test_builtin_wiki_is_clean():
     assert not any("''" in t or "==" in t or "#REDIRECT" in t.upper() for t in docs)
 
 
+@pytest.mark.faults
 def test_resume_after_kill_skips_finished_shards(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", make_texts(60, seed=3))
     ref, out = tmp_path / "ref", tmp_path / "out"
@@ -127,6 +128,7 @@ def test_resume_after_kill_skips_finished_shards(tmp_path):
     assert shard_bytes(out) == shard_bytes(ref)
 
 
+@pytest.mark.faults
 def test_corrupted_finished_shard_is_rebuilt_on_rerun(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", make_texts(30, seed=4))
     out = tmp_path / "out"
@@ -150,6 +152,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert not target.exists()
 
 
+@pytest.mark.faults
 def test_changed_settings_are_refused_then_overwritten(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", make_texts(10))
     out = tmp_path / "out"
@@ -165,6 +168,7 @@ def test_changed_settings_are_refused_then_overwritten(tmp_path):
     (["--val-fraction", "1.5"], "val-fraction"),
     (["--vocab-size", "257"], "cannot hold the 256 byte symbols plus EOS and PAD"),
 ])
+@pytest.mark.faults
 def test_bad_flags(tmp_path, flags, message):
     src = write_jsonl(tmp_path / "a.jsonl", make_texts(3))
     with pytest.raises(DataError, match=message):
@@ -181,6 +185,7 @@ def test_existing_tokenizer_dir(tmp_path):
     assert m["splits"] == first["splits"]
 
 
+@pytest.mark.faults
 def test_resume_after_real_sigkill(tmp_path):
     import signal
     import subprocess

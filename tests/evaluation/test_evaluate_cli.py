@@ -13,8 +13,8 @@ import torch
 
 from evaluation import documents as docs
 from evaluation.__main__ import main
-from evaluation.brier_stats import BrierAccumulator
-from evaluation.brierlm import baseline_brier_batched
+from pretrain.brier.brier_stats import BrierAccumulator
+from pretrain.brier.brierlm import baseline_brier_batched
 from evaluation.reconstruction import reconstruction_eval
 from evaluation.results import read_result
 
@@ -188,3 +188,17 @@ def test_stream_protocol_is_recorded(tiny_runs, doc_file, tmp_path):
                  "--context", "32", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["data"]["protocol"] == "stream" and result["data"]["tokens"] == 32 * result["data"]["blocks"]
+
+
+def test_shards_served_over_http_score_as_the_local_ones(tiny_runs, tiny_data_dir, tmp_path, monkeypatch):
+    """Evaluation reads a data directory given as a URL through the verified shard cache (127.0.0.1)."""
+    from tests.http_server import StaticServer
+
+    monkeypatch.setenv("CALM_DATA_CACHE", str(tmp_path / "cache"))
+    args = ["--model", str(tiny_runs["baseline"]), "--split", "validation", "--max-blocks", "4"]
+    assert main([*args, "--data", str(tiny_data_dir), "--out", str(tmp_path / "local.json")]) == 0
+    with StaticServer(tiny_data_dir) as url:
+        assert main([*args, "--data", url, "--out", str(tmp_path / "remote.json")]) == 0
+    local, remote = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "remote"))
+    assert remote["brierlm"]["brier_n"] == local["brierlm"]["brier_n"]
+    assert remote["data"]["sha256"] == local["data"]["sha256"] and remote["data"]["source"] == url

@@ -2,7 +2,7 @@
 
 import torch
 
-from evaluation.brierlm import head_stats
+from pretrain.brier.brierlm import head_stats
 from pretrain.stages import load_model
 
 

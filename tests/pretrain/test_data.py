@@ -75,6 +75,7 @@ def test_resume_at_other_world_size_continues_at_same_sample(tiny_data_dir):
         assert torch.equal(torch.cat([resumed[0][step], resumed[1][step]]), single[3 + step])
 
 
+@pytest.mark.faults
 def test_state_from_other_seed_or_split_is_refused(tiny_data_dir):
     state = ShardLoader(tiny_data_dir, "train", 4, seed=0).state_dict()
     with pytest.raises(ValueError, match="seed=0"):
@@ -109,6 +110,7 @@ def data_copy(tiny_data_dir, tmp_path):
     return shutil.copytree(tiny_data_dir, tmp_path / "data")
 
 
+@pytest.mark.faults
 def test_corrupted_shard_is_named(data_copy):
     shard = data_copy / read_manifest(data_copy)["splits"]["validation"]["shards"][0]["path"]
     raw = bytearray(shard.read_bytes())
@@ -118,6 +120,7 @@ def test_corrupted_shard_is_named(data_copy):
         list(ShardLoader(data_copy, "validation", 4, epochs=1))
 
 
+@pytest.mark.faults
 def test_truncated_shard_is_named(data_copy):
     shard = data_copy / read_manifest(data_copy)["splits"]["train"]["shards"][1]["path"]
     shard.write_bytes(shard.read_bytes()[:5000])
@@ -125,6 +128,7 @@ def test_truncated_shard_is_named(data_copy):
         ShardLoader(data_copy, "train", 4)
 
 
+@pytest.mark.faults
 def test_truncated_tar_detected_without_manifest_sizes(data_copy):
     manifest = read_manifest(data_copy)
     entry = manifest["splits"]["validation"]["shards"][0]
@@ -136,6 +140,7 @@ def test_truncated_tar_detected_without_manifest_sizes(data_copy):
         list(ShardLoader(data_copy, "validation", 4, epochs=1, verify=False))
 
 
+@pytest.mark.faults
 def test_missing_shard_and_manifest(data_copy, tmp_path):
     shard = data_copy / read_manifest(data_copy)["splits"]["train"]["shards"][0]["path"]
     shard.unlink()
@@ -159,6 +164,7 @@ def test_check_compatible(tiny_data_dir):
         check_compatible(manifest, tokenizer_sha256="0" * 64)
 
 
+@pytest.mark.faults
 def test_load_tokenizer_round_trip_and_tamper(tiny_data_dir, data_copy):
     tok = load_tokenizer(tiny_data_dir)
     manifest = read_manifest(tiny_data_dir)
@@ -174,6 +180,7 @@ def test_load_tokenizer_round_trip_and_tamper(tiny_data_dir, data_copy):
         load_tokenizer(data_copy)
 
 
+@pytest.mark.faults
 def test_too_small_split_for_global_batch(tiny_data_dir):
     with pytest.raises(ManifestError, match="fewer than one global batch"):
         ShardLoader(tiny_data_dir, "validation", 10_000)

@@ -54,6 +54,7 @@ def test_zero3_two_gloo_ranks_train_every_stage(tiny_data_dir, tmp_path):
     assert proc.stdout.count("stages ok") == 2
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_zero3_world1_equals_plain_pytorch_and_nan_policies(tiny_data_dir, tmp_path):
     proc = _run([sys.executable, str(WORKER), "plain", str(tiny_data_dir), str(tmp_path)])
@@ -70,6 +71,7 @@ def _train_cmd(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
             *TINY_BASELINE, *extra]
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_launchers_sigterm_resume_and_world_size_check(tiny_data_dir, tmp_path):
     """Reference: two torchrun launchers with --nnodes 2 on 127.0.0.1 (world 2). Then NPROC=2 torchrun
@@ -272,3 +274,24 @@ def test_metrics_log_and_wandb_offline_without_api_key(tmp_path, monkeypatch):
     assert run_id and list((tmp_path / "run" / "wandb").rglob(f"offline-run-*{run_id}"))
     assert MetricsLogger(tmp_path / "other", False, WandbConfig(mode="auto")).run is None
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.slow
+def test_brierlm_and_energy_terms_are_logged_while_training(tiny_data_dir, tmp_path):
+    """Each validation of CALM and the baseline carries BrierLM of a fixed subsample; CALM's training
+    records carry the energy loss's two terms."""
+    common = [f"data.path={tiny_data_dir}", "max_steps=4", "eval_every=4", "eval_batches=1", "log_every=2",
+              "micro_batch_size=4", "wandb.mode=disabled"]
+    runs = (("autoencoder", "ae-tiny", []), ("baseline", "baseline-tiny", []),
+            ("calm", "calm-tiny", [f"ae_path={tmp_path / 'autoencoder' / 'export'}"]))
+    for stage, preset, extra in runs:
+        proc = _run([sys.executable, "-m", "pretrain", "--stage", stage, "--config", preset, *common,
+                     f"run_dir={tmp_path / stage}", *extra])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("baseline", "calm"):
+        records = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+        val = [r for r in records if r["split"] == "validation"][-1]
+        assert {"brierlm", "brierlm_se", "brier_1", "brier_4"} <= set(val) and val["brier_positions"] > 0, val
+        if stage == "calm":
+            train = [r for r in records if r["split"] == "train"][-1]
+            assert train["loss"] == pytest.approx(train["fidelity"] - train["diversity"], rel=1e-5)

@@ -193,8 +193,8 @@ def case_nonfinite(data_dir: str, out: Path) -> None:
     write_ds_config(out)
     real_forward, calls = train.forward, {"n": 0}
 
-    def poisoned_forward(engine, stage, batch):  # NaN loss on the 2nd micro-batch of step 3
-        out = real_forward(engine, stage, batch)
+    def poisoned_forward(engine, stage, batch, **options):  # NaN loss on the 2nd micro-batch of step 3
+        out = real_forward(engine, stage, batch, **options)
         calls["n"] += 1
         if calls["n"] == 6:
             out.loss = out.loss * float("nan")

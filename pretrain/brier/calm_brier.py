@@ -19,7 +19,7 @@ probabilities are known). With K < 4 the n-grams span D = ⌈4/K⌉ chunks and t
   steps t+1, t+2, ...; those only matter when sample a's earlier chunks equal the truth, and then
   their context is exactly the true one, so the indicator keeps its expectation P(y_{1..n});
 - collision term: while the two samples agree on every chunk so far, the common chunk is fed back as
-  the next input (a branch of the teacher-forced cache, `evaluation.branching`, all positions in one
+  the next input (a branch of the teacher-forced cache, `pretrain.brier.branching`, all positions in one
   pass per depth) and two fresh samples are compared; disagreeing positions need nothing more.
 
 The estimator core (`calm_brier_block`) talks to a `ChunkSampler`, so tests can drive it with a
@@ -35,9 +35,9 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
-from evaluation.branching import BranchCache, branch_forward, compact, ensure_mask_capable
-from evaluation.brier_stats import N_GRAMS
-from evaluation.brierlm import BlockEstimates
+from pretrain.brier.branching import BranchCache, branch_forward, compact, ensure_mask_capable
+from pretrain.brier.brier_stats import N_GRAMS
+from pretrain.brier.brierlm import BlockEstimates
 from pretrain.models.argmax_decode import ArgmaxDecoder
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evaluation.brier_stats import BrierAccumulator, brierlm
-from evaluation.brierlm import baseline_brier_batched, baseline_brier_reference, sample_inverse_cdf
-from evaluation.calm_brier import calm_brier_block
+from pretrain.brier.brier_stats import BrierAccumulator, brierlm
+from pretrain.brier.brierlm import baseline_brier_batched, baseline_brier_reference, sample_inverse_cdf
+from pretrain.brier.calm_brier import calm_brier_block
 
 VOCAB = 6
 
@@ -229,7 +229,7 @@ def test_inverse_cdf_sampling_follows_the_weights():
 def test_calm_estimates_are_identical_with_the_certified_decoder():
     """The certified argmax decoder gives exactly the reference decode's tokens, so the same draws give
     the same estimates, only faster."""
-    from evaluation.calm_brier import CALMSampler, calm_brier
+    from pretrain.brier.calm_brier import CALMSampler, calm_brier
     from pretrain.stages import build_model
 
     torch.manual_seed(0)

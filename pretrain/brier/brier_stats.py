@@ -1,6 +1,6 @@
 """Accumulate per-position Brier-1..4 estimates into BrierLM with a standard error (docs/method.md §5).
 
-Every estimator in `evaluation.brierlm` yields one row of four unbiased estimates (Brier-1..4) per
+Every estimator in `pretrain.brier.brierlm` yields one row of four unbiased estimates (Brier-1..4) per
 evaluated position. This module only keeps sufficient statistics — the count, the sums and the sums
 of outer products, in float64 — so blocks, batches and ranks combine by addition (`all_reduce`
 under torch.distributed), and turns them into:

@@ -3,8 +3,8 @@
 import torch
 from transformers import DynamicCache
 
-from evaluation.branching import BranchCache, branch_forward, compact
-from evaluation.calm_brier import CALMSampler, calm_brier
+from pretrain.brier.branching import BranchCache, branch_forward, compact
+from pretrain.brier.calm_brier import CALMSampler, calm_brier
 from pretrain.stages import build_model
 
 

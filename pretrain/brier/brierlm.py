@@ -10,7 +10,7 @@ while a_1..a_s = b_1..b_s (indicator g_s, g_0 = 1), and S_n = Σ_x P(x | y_<=p, 
 exact collision probability of the n-th step (S_1 from the teacher-forced pass).
 
 - `baseline_brier_batched`: one teacher-forced pass, then at most three branch passes over *all*
-  positions still agreeing at once (`evaluation.branching`; each pass split into slices of
+  positions still agreeing at once (`pretrain.brier.branching`; each pass split into slices of
   `max_queries` queries): about 4 passes per block instead of up to 3 extra calls per position.
 - `baseline_brier_reference`: the straightforward loop — token-by-token incremental decoding, and
   for every agreeing position up to three more single-token calls on a branch of the cache, cropped
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from evaluation.branching import BranchCache, branch_forward, compact, ensure_mask_capable
-from evaluation.brier_stats import N_GRAMS
+from pretrain.brier.branching import BranchCache, branch_forward, compact, ensure_mask_capable
+from pretrain.brier.brier_stats import N_GRAMS
 
 STEPS = N_GRAMS - 1
 """Sampling rounds: two tokens at depths 0..2; depth 3 only needs its exact collision."""
