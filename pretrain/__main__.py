@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -72,8 +73,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config, count the model's parameters on the meta device and print the "
                              "filled DeepSpeed JSON; no data is read and nothing is trained or written")
+    parser.add_argument("--match-flops", metavar="RUN_DIR",
+                        help="train until this run's training FLOPs are reached (max_train_flops = the last "
+                             "train_flops in RUN_DIR/metrics.jsonl): a baseline compute-matched to a CALM run")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_intermixed_args(argv)
+
+
+def run_train_flops(run_dir: str) -> float:
+    """The training FLOPs a finished run spent: the last train record's train_flops in its metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"--match-flops {run_dir}: no metrics.jsonl there (a training run directory is expected)")
+    flops = None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("split") == "train" and record.get("train_flops"):
+            flops = float(record["train_flops"])
+    if not flops:
+        raise ConfigError(f"--match-flops {run_dir}: its metrics.jsonl has no train_flops yet")
+    return flops
 
 
 def dry_run(config: TrainConfig, world_size: int) -> int:
@@ -117,6 +139,9 @@ def dry_run(config: TrainConfig, world_size: int) -> int:
               + (f" + {frozen:,} frozen (autoencoder)" if frozen else ""))
         print(f"# training FLOPs: {per_token:.4g} per token, {per_token * tokens_per_step:.4g} per optimizer step "
               f"({tokens_per_step:,} tokens at block length {block_len}, {where})")
+        if config.max_train_flops:
+            steps = max(1, math.ceil(config.max_train_flops / (per_token * tokens_per_step)))
+            print(f"# budget max_train_flops={config.max_train_flops:.4g}: {steps} optimizer steps (replaces max_steps)")
         print(f"# DeepSpeed config ({config.ds_config}; world size {world_size}, {precision} on {device.type})")
         print(json.dumps(ds_config, indent=2))
     return 0
@@ -147,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        config = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.match_flops:
+            overrides.append(f"max_train_flops={run_train_flops(args.match_flops)!r}")
+        config = load_config(args.config, overrides)
         if config.stage != args.stage:
             raise ConfigError(f"--stage {args.stage} but preset {args.config!r} is for stage {config.stage!r}")
         if args.dry_run:

@@ -120,6 +120,10 @@ class TrainConfig:
     """DeepSpeed JSON template (relative to the repo root or absolute); batch sizes are filled in."""
     run_dir: str = "runs/default"
     """Checkpoints, metrics.jsonl, exports and W&B files go here."""
+    max_train_flops: float = 0.0
+    """A training-compute budget (FLOPs, counted as metrics.jsonl's train_flops): when > 0 the run takes
+    the fewest steps that reach it, ceil(budget / FLOPs per step), in place of max_steps (the schedule
+    follows). `python -m pretrain --match-flops RUN_DIR` sets it to another run's training FLOPs."""
     save_every: int = 500
     """Checkpoint every N optimizer steps (and always at the end); 0 saves only at the end."""
     keep_last: int = 2
@@ -163,6 +167,8 @@ class TrainConfig:
                      "nan_skip_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_train_flops < 0:
+            raise ConfigError(f"max_train_flops must be >= 0, got {self.max_train_flops}")
         for name in ("save_every", "keep_last", "eval_every", "eval_brier_blocks"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

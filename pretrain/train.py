@@ -195,6 +195,18 @@ def build_engine(config: TrainConfig, model_config, ds_config: dict, device: tor
     return engine, optimizer
 
 
+def apply_flops_budget(config: TrainConfig, model_config, block_len: int, world: distributed.World) -> int:
+    """Set `config.max_steps` to the fewest optimizer steps whose training FLOPs reach
+    `config.max_train_flops` (so the logged train_flops end within one step above the budget)."""
+    per_step = get_stage(config.stage).train_flops_per_token(model_config, block_len) * (
+        config.micro_batch_size * config.grad_accum_steps * world.world_size * block_len)
+    config.max_steps = max(1, math.ceil(config.max_train_flops / per_step))
+    if world.is_main:
+        print(f"training FLOPs budget {config.max_train_flops:.4g}: {config.max_steps} steps of "
+              f"{per_step:.4g} FLOPs", flush=True)
+    return config.max_steps
+
+
 def forward(engine, stage: str, batch: torch.Tensor, **options):
     """The stage's training objective on one batch (a model output with .loss); `options` are the
     objective's (`metrics`, `ce_chunk_rows`: see `pretrain.stages.Stage`)."""
@@ -249,6 +261,8 @@ class Trainer:
             if getattr(loader, "_remote", None) is None:
                 loader.verify_all()
         self.block_len = self.loader.block_len
+        if config.max_train_flops:
+            apply_flops_budget(config, model_config, self.block_len, world)
         self.precision = resolve_precision(config, world.device)
         self.ds_config = build_ds_config(config, world.world_size, self.precision, REPO_ROOT)
         if resume:

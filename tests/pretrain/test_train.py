@@ -295,3 +295,24 @@ def test_brierlm_and_energy_terms_are_logged_while_training(tiny_data_dir, tmp_p
         if stage == "calm":
             train = [r for r in records if r["split"] == "train"][-1]
             assert train["loss"] == pytest.approx(train["fidelity"] - train["diversity"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_match_flops_gives_a_run_within_one_step_of_the_target(tiny_data_dir, tmp_path):
+    """--match-flops RUN reads RUN's training FLOPs and trains the fewest steps that reach them."""
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    common = ["--stage", "baseline", "--config", "baseline-tiny", f"data.path={tiny_data_dir}", *TINY_BASELINE,
+              "eval_every=0", "log_every=1", "export=false"]
+    dry = _run([sys.executable, "-m", "pretrain", *common, "--dry-run"])
+    per_step = float(dry.stdout.split("per token, ")[1].split(" per optimizer step")[0])
+    target = 3.4 * per_step  # what a CALM run might have spent
+    (reference / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 7, "train_flops": target}) + "\n")
+    proc = _run([sys.executable, "-m", "pretrain", *common, f"run_dir={tmp_path / 'matched'}",
+                 "--match-flops", str(reference)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 steps of" in proc.stdout
+    spent = _train_records(tmp_path / "matched")[-1]["train_flops"]
+    assert target <= spent < target + per_step
+    missing = _run([sys.executable, "-m", "pretrain", *common, "--match-flops", str(tmp_path / "none")])
+    assert missing.returncode == 2 and "no metrics.jsonl there" in missing.stderr
