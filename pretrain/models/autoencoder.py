@@ -21,6 +21,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.utils import ModelOutput
 
+from .checks import require_at_least
 from .losses import linear_cross_entropy, resolve_chunk_rows
 
 
@@ -50,12 +51,8 @@ class AutoencoderConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "latent_size", "patch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"AutoencoderConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_encoder_layers", "num_decoder_layers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"AutoencoderConfig.{name} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, ("vocab_size", "hidden_size", "intermediate_size", "latent_size", "patch_size"), 1)
+        require_at_least(self, ("num_encoder_layers", "num_decoder_layers"), 0)
         if not 0.0 <= self.ae_dropout < 1.0:
             raise ValueError(f"AutoencoderConfig.ae_dropout must be in [0, 1), got {self.ae_dropout}")
         super().__post_init__(**kwargs)

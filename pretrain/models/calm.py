@@ -33,6 +33,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
 from .autoencoder import Autoencoder, AutoencoderConfig
+from .checks import require_at_least
 from .energy import MLPGenerator, energy_loss
 from .generation_mixin import CALMGenerationMixin
 
@@ -70,9 +71,7 @@ class CALMConfig(LlamaConfig):
             )
         if not 0.0 < self.beta < 2.0:
             raise ValueError(f"CALMConfig.beta must be in (0, 2) for a strictly proper score, got {self.beta}")
-        for name in ("patch_size", "latent_size", "num_target_samples", "noise_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"CALMConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, ("patch_size", "latent_size", "num_target_samples", "noise_size"), 1)
         super().__post_init__(**kwargs)
 
 
@@ -206,8 +205,10 @@ class CALM(PreTrainedModel, CALMGenerationMixin):
         in float32 (without autocast) so that near-equal logits are not tied by bf16 rounding."""
         lead = latents.shape[:-2]
         flat = latents.reshape(-1, *latents.shape[-2:]).float()
+        if self.ae_model.encoder.embed_tokens.weight.dtype != torch.float32:
+            self.ae_model.float()  # once: a model cast to bf16 as a whole (from_pretrained keeps it fp32)
         with torch.autocast(device_type=latents.device.type, enabled=False):
-            tokens = self.ae_model.float().decode(flat).argmax(-1)
+            tokens = self.ae_model.decode(flat).argmax(-1)
         return tokens.reshape(*lead, tokens.shape[-1])
 
     @torch.no_grad()
