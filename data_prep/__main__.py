@@ -25,6 +25,12 @@ length, dtype, per-shard counts and sha256, sources with sizes and checksums, ba
 command). Bad input is skipped with a message naming file and line and counted (--fail-fast stops).
 A rerun with the same arguments after an interruption reuses the finished shards. Read the result
 with `pretrain.data.ShardLoader`.
+
+Fine-tuning data (--finetune): JSONL prompt/response or chat records, one block per record with a
+loss mask, the prompt left-padded to a multiple of K; see data_prep/finetune.py:
+
+    python -m data_prep --finetune --input data/toy_sft.jsonl --tokenizer runs/quickstart/data \
+        --block-len 64 --patch-size 4 --val-fraction 0.05 --output data/toy_sft
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_prep.finetune import FinetuneOptions
 from data_prep.manifest import ManifestError
 from data_prep.pipeline import PrepConfig, run
+from data_prep.records import RecordOptions
 from data_prep.sources import DataError, SourceOptions
 from data_prep.tokenizer import TokenizerError
 
@@ -75,6 +83,16 @@ def parse_args(argv: list[str]) -> PrepConfig:
     sh.add_argument("--seed", type=int, default=0, help="seed of the document-level train/validation split")
     sh.add_argument("--shard-mb", type=float, default=32.0,
                     help="MB of input text per work chunk (one train and one validation shard each)")
+    ft = p.add_argument_group("fine-tuning data (prompt/response records with loss masks; data_prep/finetune.py)")
+    ft.add_argument("--finetune", action="store_true",
+                    help="JSONL prompt/response or chat records -> one left-aligned block per record with a loss "
+                         "mask (needs --tokenizer, the pretrained model's)")
+    ft.add_argument("--prompt-field", default="prompt", help="key of the prompt text")
+    ft.add_argument("--response-field", default="response", help="key of the response text (scored)")
+    ft.add_argument("--messages-field", default="messages",
+                    help="key of a chat [{role, content}, ...]; each assistant turn is scored once")
+    ft.add_argument("--truncate", action="store_true",
+                    help="cut a record longer than --block-len at the block's end instead of skipping it")
     run_ = p.add_argument_group("run")
     run_.add_argument("--workers", type=int, default=0, help="worker processes (0: all cores)")
     run_.add_argument("--fail-fast", action="store_true", help="stop at the first bad input instead of skipping it")
@@ -86,6 +104,8 @@ def parse_args(argv: list[str]) -> PrepConfig:
         vocab_size=a.vocab_size, block_len=a.block_len, patch_size=a.patch_size, val_fraction=a.val_fraction,
         seed=a.seed, shard_mb=a.shard_mb, max_docs=a.max_docs, workers=a.workers, fail_fast=a.fail_fast,
         overwrite=a.overwrite, progress=not a.no_progress,
+        finetune=FinetuneOptions(RecordOptions(a.prompt_field, a.response_field, a.messages_field), a.truncate)
+        if a.finetune else None,
         source=SourceOptions(text_field=a.text_field, txt_mode=a.txt_mode, hf_split=a.hf_split,
                              hf_config=a.hf_config, streaming=a.streaming))
 

@@ -47,6 +47,7 @@ class PrepConfig:
     overwrite: bool = False
     progress: bool = True
     source: SourceOptions = None
+    finetune: object = None  # data_prep.finetune.FinetuneOptions: prompt/response records instead of documents
 
     def validate(self) -> None:
         if self.tokenizer is None and not self.train_tokenizer:
@@ -171,6 +172,10 @@ def _pool(workers: int):
 def run(cfg: PrepConfig, argv: list[str]) -> dict:
     """The whole run (module docstring): shards, manifest.json and a summary on stderr; returns the manifest."""
     cfg.validate()
+    if cfg.finetune is not None:
+        from data_prep.finetune import run as run_finetune
+
+        return run_finetune(cfg, argv)
     bad = BadInput(fail_fast=cfg.fail_fast)
     resolved = sources.resolve_inputs(cfg.inputs, bad)
     if not resolved:
@@ -260,6 +265,12 @@ def _write_chunks(cfg: PrepConfig, spec: shards.PackSpec,
     return records, skipped
 
 
+def manifest_head(cfg, argv, tok_entry, dtype) -> dict:
+    """The entries every manifest begins with (pretraining and fine-tuning data alike)."""
+    return {"format": FORMAT, "command": shlex.join(["python", "-m", "data_prep", *argv]), "tokenizer": tok_entry,
+            "block_len": cfg.block_len, "patch_size": cfg.patch_size, "dtype": dtype}
+
+
 def _manifest(cfg, argv, resolved, per_source, tok_entry, dtype, records, bad) -> dict:
     splits = {}
     for split in shards.SPLITS:
@@ -276,12 +287,7 @@ def _manifest(cfg, argv, resolved, per_source, tok_entry, dtype, records, bad) -
             "plain_cuts": sum(e.get("plain_cuts", 0) for e in entries),
         }
     return {
-        "format": FORMAT,
-        "command": shlex.join(["python", "-m", "data_prep", *argv]),
-        "tokenizer": tok_entry,
-        "block_len": cfg.block_len,
-        "patch_size": cfg.patch_size,
-        "dtype": dtype,
+        **manifest_head(cfg, argv, tok_entry, dtype),
         "sample_format": "webdataset tar; member KEY.npy = one block of block_len token ids (numpy .npy)",
         "document_separator": "eos_token_id after every document",
         "seed": cfg.seed,

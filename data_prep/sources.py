@@ -232,7 +232,9 @@ def _text_of(record, where: str, opts: SourceOptions, bad: BadInput) -> str | No
     return value
 
 
-def _read_jsonl(path: Path, opts: SourceOptions, bad: BadInput, first_line: int = 1):
+def jsonl_records(path: Path, bad: BadInput):
+    """("file:line", parsed value) for every line of a JSONL file (plain or .gz) that decodes and parses;
+    undecodable and malformed lines are reported to `bad` and skipped, blank lines skipped silently."""
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -242,13 +244,16 @@ def _read_jsonl(path: Path, opts: SourceOptions, bad: BadInput, first_line: int 
             if line is None:
                 continue
             try:
-                record = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 bad.report("malformed_json", where, f"malformed JSON ({e.msg} at column {e.colno})")
-                continue
-            text = _text_of(record, where, opts, bad)
-            if text is not None:
-                yield where, text
+
+
+def _read_jsonl(path: Path, opts: SourceOptions, bad: BadInput):
+    for where, record in jsonl_records(path, bad):
+        text = _text_of(record, where, opts, bad)
+        if text is not None:
+            yield where, text
 
 
 def _read_json(path: Path, opts: SourceOptions, bad: BadInput):

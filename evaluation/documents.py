@@ -88,6 +88,9 @@ def shard_blocks(data_dir: str | Path, split: str, context: int, multiple: int =
     from pretrain.data import ShardLoader
 
     loader = ShardLoader(str(data_dir), split, batch_size=1, shuffle=False, epochs=1, drop_last=False)
+    if loader.masked:
+        raise ValueError(f"{data_dir} holds fine-tuning data (prompt/response blocks with loss masks), not documents "
+                         "to score; use python -m evaluation.answer_match --data on it")
     if loader.block_len % context and context < loader.block_len:
         raise ValueError(f"context {context} must divide the shards' block_len {loader.block_len}")
     blocks = []

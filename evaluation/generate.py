@@ -14,6 +14,11 @@ that chunk is then chosen by the batch rule among the draws made so far.
 
 Every prompt is read as the start of a document: the document separator (EOS; the data packs
 documents as `doc <eos> doc <eos>`) is put in front of it for both kinds of model.
+
+Models fine-tuned on prompt/response data take `--prompt-alignment left_pad`: the prompt (EOS in
+front) is left-padded with the pad token to a multiple of K exactly as `data_prep --finetune` aligned
+it (`data_prep.finetune.left_pad`); K is a CALM's patch size, and for the baseline `--patch-size`
+(the --patch-size its fine-tuning data was prepared with).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.finetune import left_pad
 from evaluation.export_dir import find_tokenizer_dir, load_generator
 from evaluation.terminal_stream import TerminalStream
 
@@ -46,6 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="tokenizer directory if not saved with the model")
     parser.add_argument("--ae-path", help="CALM: autoencoder directory for checkpoints whose config lacks ae_config")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prompt-alignment", choices=("constrain", "left_pad"), default="constrain",
+                        help="left_pad: align prompts as fine-tuning data was (data_prep --finetune)")
+    parser.add_argument("--patch-size", type=int, default=4,
+                        help="baseline with --prompt-alignment left_pad: the K its fine-tuning data was aligned to")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -108,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         eos = tokenizer.eos_token_id
         boundary = [eos] if eos is not None else []
         prompts = [boundary + tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
+        if args.prompt_alignment == "left_pad":
+            k = model.config.patch_size if kind == "calm" else args.patch_size
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+            prompts = [left_pad(p, k, pad) for p in prompts]
         stream = TerminalStream(tokenizer, prompts[0]) if len(prompts) == 1 else None
         start = time.perf_counter()
         new, note = generate(model, kind, tokenizer, prompts, args, stream)

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from evaluation.results import read_jsonl, read_result
+from pretrain.metrics import autoencoder_run
 
 FAMILY = {"baseline": "Transformer (baseline)", "calm": "CALM"}
 STAGE_ORDER = ("baseline", "calm", "autoencoder")
@@ -106,13 +107,15 @@ def _run(run_dir: Path, stage: str | None, name: str) -> dict:
 
 def _row(result: dict, path: Path, run_dir: Path | None) -> dict:
     model, data = result["model"], result["data"]
-    spent = None
+    spent = ae_spent = None
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         spent = curves(read_metrics(run_dir / "metrics.jsonl"))["train_flops"]
+        ae_run = autoencoder_run(run_dir) if model["stage"] == "calm" else None
+        ae_spent = curves(read_metrics(ae_run / "metrics.jsonl"))["train_flops"] if ae_run else None
     gen = result.get("generation") or {}
     return {
         "name": model["name"], "stage": model["stage"], "result": str(path), "params": model["params"],
-        "patch_size": model.get("patch_size", 1), "train_flops": spent,
+        "patch_size": model.get("patch_size", 1), "train_flops": spent, "ae_train_flops": ae_spent,
         "inference_flops_per_token": model["inference_flops_per_token"],
         "data": Path(data["source"]).name + (f":{data['split']}" if data.get("split") else ""),
         "context": data["context"], "brierlm": result["brierlm"], "reconstruction": result["reconstruction"],
@@ -283,28 +286,33 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def markdown(rows: list[dict], runs: list[dict], plots: list[str]) -> str:
+def markdown(rows: list[dict], runs: list[dict], plots: list[str], with_ae: bool = False) -> str:
     lines = ["# CALM evaluation report", ""]
     lm_rows = [r for r in rows if r["brierlm"]]
     if lm_rows:
         lines += [
             "## Language models", "",
-            "| model | stage | K | params | train FLOPs | infer FLOPs/token | BrierLM | Brier-1 | Brier-2 | Brier-3 "
-            "| Brier-4 | positions | gen tokens/s | data | context | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | stage | K | params | train FLOPs | AE train FLOPs | infer FLOPs/token | BrierLM | Brier-1 "
+            "| Brier-2 | Brier-3 | Brier-4 | positions | gen tokens/s | data | context | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in lm_rows:
             b = r["brierlm"]
             briers = " | ".join(f"{v:.4f}" for v in b["brier_n"])
             lines.append(
                 f"| {r['name']} | {r['stage']} | {r['patch_size']} | {_params(r['params'])} | {_num(r['train_flops'])} "
+                f"| {_num(r.get('ae_train_flops')) if r['stage'] == 'calm' else ''} "
                 f"| {_num(r['inference_flops_per_token'])} | {b['brierlm']:.3f} ± {b['brierlm_se']:.3f} | {briers} "
                 f"| {b['positions']} | {_num(r['tokens_per_second'])} | {r['data']} | {r['context']} "
                 f"| {'left out of the plots: ' + r['flag'] if r['flag'] else ''} |"
             )
         lines += ["", "BrierLM = 100 · geometric mean of Brier-1..4 (floored at 0); ± one standard error "
-                      "(positions treated as independent). CALM parameters exclude the frozen autoencoder; "
-                      "training FLOPs are those of the run itself (docs/method.md §7).", ""]
+                      "(positions treated as independent). CALM parameters exclude the frozen autoencoder. "
+                      + ("Training FLOPs of CALM rows INCLUDE its autoencoder's own training (AE train FLOPs, "
+                         "counted in: --with-ae-flops)" if with_ae else
+                         "Training FLOPs are those of the run itself: CALM's autoencoder's own training (AE train "
+                         "FLOPs) is listed apart and NOT counted in them or in the frontier plots (--with-ae-flops "
+                         "counts it)") + " (docs/method.md §7).", ""]
     ae_rows = [r for r in rows if r["reconstruction"]]
     if ae_rows:
         lines += ["## Autoencoders", "",
@@ -331,14 +339,20 @@ def markdown(rows: list[dict], runs: list[dict], plots: list[str]) -> str:
     return "\n".join(lines)
 
 
-def build_report(inputs: list[str], out: str | Path) -> dict:
+def build_report(inputs: list[str], out: str | Path, with_ae_flops: bool = False) -> dict:
+    """`with_ae_flops`: CALM rows are charged their autoencoder's training FLOPs too (table and plots)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, runs = collect(inputs)
+    if with_ae_flops:
+        for r in rows:
+            if r["stage"] == "calm" and r["train_flops"] and r["ae_train_flops"]:
+                r["train_flops"] += r["ae_train_flops"]
     plots = plot_all(rows, runs, out)
-    report = {"schema": "calm-report/1", "inputs": inputs, "models": rows, "runs": runs, "plots": plots}
+    report = {"schema": "calm-report/1", "inputs": inputs, "models": rows, "runs": runs, "plots": plots,
+              "calm_flops_include_autoencoder": with_ae_flops}
     (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    (out / "report.md").write_text(markdown(rows, runs, plots))
+    (out / "report.md").write_text(markdown(rows, runs, plots, with_ae_flops))
     return report
 
 
@@ -346,9 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evaluation.report", description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", help="run directories, export directories or result JSON files")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--with-ae-flops", action="store_true",
+                   help="charge CALM its autoencoder's training FLOPs too (default: each run's own FLOPs; the "
+                        "autoencoder's are listed apart)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        report = build_report(args.inputs, args.out)
+        report = build_report(args.inputs, args.out, args.with_ae_flops)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

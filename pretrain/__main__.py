@@ -57,6 +57,7 @@ import sys
 from pathlib import Path
 
 from pretrain.config import REPO_ROOT, ConfigError, TrainConfig, load_config
+from pretrain.metrics import run_train_flops
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -76,26 +77,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--match-flops", metavar="RUN_DIR",
                         help="train until this run's training FLOPs are reached (max_train_flops = the last "
                              "train_flops in RUN_DIR/metrics.jsonl): a baseline compute-matched to a CALM run")
+    parser.add_argument("--with-ae-flops", action="store_true",
+                        help="with --match-flops on a CALM run: also count the training FLOPs of its autoencoder "
+                             "(the run at its ae_path), so the baseline gets CALM's whole pipeline budget")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_intermixed_args(argv)
-
-
-def run_train_flops(run_dir: str) -> float:
-    """The training FLOPs a finished run spent: the last train record's train_flops in its metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"--match-flops {run_dir}: no metrics.jsonl there (a training run directory is expected)")
-    flops = None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("split") == "train" and record.get("train_flops"):
-            flops = float(record["train_flops"])
-    if not flops:
-        raise ConfigError(f"--match-flops {run_dir}: its metrics.jsonl has no train_flops yet")
-    return flops
 
 
 def dry_run(config: TrainConfig, world_size: int) -> int:
@@ -174,11 +160,17 @@ def _main(argv: list[str] | None) -> int:
     try:
         overrides = list(args.overrides)
         if args.match_flops:
-            overrides.append(f"max_train_flops={run_train_flops(args.match_flops)!r}")
-        config = load_config(args.config, overrides)
+            budget = run_train_flops(args.match_flops, with_autoencoder=args.with_ae_flops)
+            overrides.append(f"max_train_flops={budget!r}")
+        elif args.with_ae_flops:
+            raise ConfigError("--with-ae-flops goes with --match-flops CALM_RUN_DIR")
+        config = load_config(args.config, overrides, stage=args.stage)
         if config.stage != args.stage:
             raise ConfigError(f"--stage {args.stage} but preset {args.config!r} is for stage {config.stage!r}")
         if args.dry_run:
+            from pretrain.init_from import prepare
+
+            prepare(config)  # the model fields init_from supplies
             return dry_run(config, int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -186,6 +178,7 @@ def _main(argv: list[str] | None) -> int:
 
     from pretrain import checkpoint, distributed
     from pretrain.data import ManifestError, ShardError
+    from pretrain.stages import WeightsMismatch
     from pretrain.train import EXIT_NONFINITE, EXIT_PEER_LOST, Trainer, TrainingError
 
     existing = checkpoint.has_checkpoints(config.run_dir)
@@ -198,7 +191,7 @@ def _main(argv: list[str] | None) -> int:
     world = distributed.init(args.local_rank)
     try:
         code = Trainer(config, world, resume).run()
-    except (ConfigError, ManifestError, ShardError, checkpoint.ResumeError) as exc:
+    except (ConfigError, ManifestError, ShardError, checkpoint.ResumeError, WeightsMismatch) as exc:
         print(f"error (rank {world.rank}): {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:

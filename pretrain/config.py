@@ -108,6 +108,11 @@ class TrainConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     ae_path: str | None = None
     """CALM stage only: directory of the exported (HF) autoencoder to freeze inside the model."""
+    init_from: str | None = None
+    """Start from these weights instead of random ones (`pretrain.init_from`): an export of this stage, the
+    authors' released CALM or autoencoder, or a Hugging Face Llama directory (baseline). The model fields
+    the run leaves out are taken from it; those it sets must agree. Optimizer, schedule and data start at
+    step 0; a checkpoint in run_dir (resume) wins over it."""
     micro_batch_size: int = 8
     """Sequences per rank per forward pass."""
     grad_accum_steps: int = 1
@@ -294,11 +299,14 @@ def validate_model_section(stage: str, model: dict[str, Any]) -> None:
         raise ConfigError("model.ae_path: name the autoencoder with the top-level ae_path=DIR, not inside model:")
 
 
-def load_config(preset: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a preset (name in configs/ or a YAML path), apply overrides, validate everything."""
+def load_config(preset: str | os.PathLike, overrides: list[str] | None = None, stage: str | None = None) -> TrainConfig:
+    """Read a preset (name in configs/ or a YAML path), apply overrides, validate everything. `stage`
+    fills in a preset that names none (one fine-tuning recipe serves every stage)."""
     path = _resolve_preset(preset)
     with open(path) as fh:
         raw = yaml.safe_load(fh) or {}
+    if stage is not None and isinstance(raw, dict):
+        raw.setdefault("stage", stage)
     raw = apply_overrides(raw, list(overrides or []))
     config = _build(TrainConfig, raw, "")
     validate_model_section(config.stage, config.model)

@@ -12,6 +12,10 @@ Use it directly rather than inside torch DataLoader workers: a read is a memory-
 resume state lives in this object. Every shard is checked before use: its size at construction, its
 sha256 (against the manifest) and tar structure when first opened. A truncated or altered shard
 raises `ShardError` naming the file.
+
+Fine-tuning shards (manifest `"loss_mask": true`, data_prep/finetune.py) hold (ids, loss mask) per
+sample; their batches are `MaskedBatch`es, which the stage objectives (pretrain.stages) score on the
+masked positions only. Pretraining shards are read exactly as before, as plain LongTensors.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import collections
 import hashlib
 import io
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +34,29 @@ from data_prep.manifest import ManifestError, check_compatible, read_manifest
 from data_prep.remote import RemoteError, ShardCache, is_url, local_mirror
 from data_prep.tokenizer import tokenizer_sha256
 
-__all__ = ["ShardLoader", "ShardError", "ManifestError", "read_manifest", "load_tokenizer", "check_tokenizer",
-           "check_compatible"]
+__all__ = ["ShardLoader", "ShardError", "MaskedBatch", "ManifestError", "read_manifest", "load_tokenizer",
+           "check_tokenizer", "check_compatible"]
 OPEN_SHARDS = 128  # memory maps kept open at once; each holds a file descriptor
 
 
 class ShardError(RuntimeError):
     """A shard is missing, truncated or corrupted; the message names the file."""
+
+
+@dataclass
+class MaskedBatch:
+    """A batch of fine-tuning blocks: token ids and the loss mask (1 = scored), both (B, block_len).
+
+    Moves like a tensor (`.to(device)`), so the training loop handles it as it handles a plain batch."""
+
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def to(self, *args, **kwargs) -> "MaskedBatch":
+        return MaskedBatch(self.input_ids.to(*args, **kwargs), self.loss_mask.to(*args, **kwargs))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
 
 def check_tokenizer(data_dir, manifest: dict | None = None) -> Path:
@@ -64,8 +85,10 @@ def load_tokenizer(data_dir):
 class _Shard:
     """Checks one tar and indexes its blocks; the memory map is opened on demand and may be dropped."""
 
-    def __init__(self, path: Path, entry: dict, block_len: int, dtype: np.dtype, verify: bool):
-        self.path, self.dtype, self.nbytes = path, dtype, block_len * dtype.itemsize
+    def __init__(self, path: Path, entry: dict, block_len: int, dtype: np.dtype, verify: bool, rows: int = 1):
+        # rows=2: fine-tuning samples, (2, block_len) arrays of ids and loss mask
+        self.path, self.dtype, self.nbytes = path, dtype, rows * block_len * dtype.itemsize
+        self.shape = (block_len,) if rows == 1 else (rows, block_len)
         if verify:
             digest = hashlib.sha256()
             with open(path, "rb") as f:
@@ -82,13 +105,13 @@ class _Shard:
             raise ShardError(f"shard {path} is truncated or not a tar file: {e}") from e
         if len(members) != entry["samples"]:
             raise ShardError(f"shard {path} holds {len(members)} samples, the manifest says {entry['samples']}")
-        header = self._npy_header(members[0].name, first, block_len, dtype)
+        header = self._npy_header(members[0].name, first, dtype)
         if any(m.size != header + self.nbytes for m in members):
             raise ShardError(f"shard {path} has members of unexpected size (want {header + self.nbytes} bytes each)")
         self.offsets = np.array([m.offset_data + header for m in members], dtype=np.int64)
         self.map: np.memmap | None = None
 
-    def _npy_header(self, name: str, first: bytes, block_len: int, dtype: np.dtype) -> int:
+    def _npy_header(self, name: str, first: bytes, dtype: np.dtype) -> int:
         raw = io.BytesIO(first)
         try:
             version = np.lib.format.read_magic(raw)
@@ -97,20 +120,21 @@ class _Shard:
             shape, fortran, found = read_header(raw)
         except ValueError as e:
             raise ShardError(f"shard {self.path}: member {name} is not a .npy array: {e}") from e
-        if shape != (block_len,) or found != dtype or fortran:
+        if shape != self.shape or found != dtype or fortran:
             raise ShardError(f"shard {self.path}: member {name} is {found}{shape}, "
-                             f"the manifest says {dtype}({block_len},)")
+                             f"the manifest says {dtype}{self.shape}")
         return raw.tell()
 
     def read(self, j: int) -> np.ndarray:
         if self.map is None:
             self.map = np.memmap(self.path, dtype=np.uint8, mode="r")
         off = self.offsets[j]
-        return self.map[off : off + self.nbytes].view(self.dtype)
+        return self.map[off : off + self.nbytes].view(self.dtype).reshape(self.shape)
 
 
 class ShardLoader:
-    """Yields `torch.LongTensor (batch_size, block_len)` batches of one split for one rank.
+    """Yields `torch.LongTensor (batch_size, block_len)` batches of one split for one rank
+    (`MaskedBatch`es for fine-tuning shards, `masked` True).
 
     epochs=None loops forever (training); epochs=1 is a single pass (validation). With
     drop_last=True every batch is full and the last incomplete global batch of an epoch is skipped
@@ -135,6 +159,7 @@ class ShardLoader:
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self.num_samples = int(self._starts[-1])
         self._dtype = np.dtype(self._manifest["dtype"])
+        self.masked = bool(self._manifest.get("loss_mask", False))
         self._data_id = hashlib.sha256("".join(s["sha256"] for s in self._entries).encode()).hexdigest()
         for entry in self._entries if self._remote is None else ():  # remote shards: checked when fetched
             path = self.data_dir / entry["path"]
@@ -209,7 +234,8 @@ class ShardLoader:
     def _gather(self, indices: np.ndarray) -> torch.Tensor:
         shard_ids = np.searchsorted(self._starts, indices, side="right") - 1
         rows = [self._shard(s).read(i - self._starts[s]) for s, i in zip(shard_ids.tolist(), indices.tolist())]
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return MaskedBatch(batch[:, 0].contiguous(), batch[:, 1].bool()) if self.masked else batch
 
     def _prefetch(self, order: np.ndarray, offset: int) -> None:
         """Remote data: queue the shards of the samples after `offset` (this epoch), in reading order."""
@@ -227,7 +253,7 @@ class ShardLoader:
             raise ShardError(str(exc)) from exc
         if shard is None:
             shard = self._shards[s] = _Shard(path, entry, self.block_len, self._dtype,
-                                             self.verify and self._remote is None)
+                                             self.verify and self._remote is None, 2 if self.masked else 1)
         self._mapped[s] = None
         self._mapped.move_to_end(s)
         if len(self._mapped) > OPEN_SHARDS:

@@ -105,8 +105,10 @@ def convert_authors(source: str | Path, output: str | Path, ae_path: str | None 
     return save_export(model, stage, tokenizer, Path(output), training, None, None)
 
 
-def apply_special_tokens(model, stage: str, tokenizer) -> None:
-    """EOS/PAD/BOS from the tokenizer into the config and (CALM, baseline) the generation config."""
+def apply_special_tokens(model, stage: str, tokenizer, prompt_alignment: str | None = None) -> None:
+    """EOS/PAD/BOS from the tokenizer into the config and (CALM, baseline) the generation config;
+    `prompt_alignment` (CALM fine-tuned on prompt/response shards: "left_pad") goes there too, so
+    `generate()` aligns prompts as training did without being told."""
     from transformers import GenerationConfig
 
     ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
@@ -119,6 +121,8 @@ def apply_special_tokens(model, stage: str, tokenizer) -> None:
     sampling = {"do_sample": True, "temperature": 1.0}
     if stage == "baseline":
         sampling.update(top_k=0, top_p=1.0)
+    elif prompt_alignment:
+        sampling["prompt_alignment"] = prompt_alignment
     model.generation_config = GenerationConfig(**ids, **sampling)
 
 
@@ -145,7 +149,8 @@ def save_export(model, stage: str, tokenizer, output: Path, training: dict, mani
     if len(tokenizer) != model.config.vocab_size:
         raise ExportError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                           f"{model.config.vocab_size}: not the tokenizer this model was trained with")
-    apply_special_tokens(model, stage, tokenizer)
+    masked = bool(manifest and manifest.get("loss_mask"))  # fine-tuning shards: prompts left-padded to K
+    apply_special_tokens(model, stage, tokenizer, "left_pad" if masked else None)
     if stage == "calm":
         model.config.ae_path = None  # a local path; the autoencoder travels inside (ae_config, ae_model.*)
     _mark_remote_code(model, stage)

@@ -160,3 +160,48 @@ class MetricsLogger:
         self._file.close()
         if self.run is not None:
             self.run.finish()
+
+
+def run_train_flops(run_dir: str | os.PathLike, with_autoencoder: bool = False) -> float:
+    """The training FLOPs a finished run spent (the last train record's train_flops in its metrics.jsonl);
+    with `with_autoencoder`, a CALM run's plus those of the autoencoder run it was trained on. A
+    ConfigError naming what is missing otherwise."""
+    from pretrain.config import ConfigError
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"--match-flops {run_dir}: no metrics.jsonl there (a training run directory is expected)")
+    flops = None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("split") == "train" and record.get("train_flops"):
+            flops = float(record["train_flops"])
+    if not flops:
+        raise ConfigError(f"--match-flops {run_dir}: its metrics.jsonl has no train_flops yet")
+    if with_autoencoder:
+        ae_run = autoencoder_run(run_dir)
+        if ae_run is None:
+            raise ConfigError(f"{run_dir}: no autoencoder run found for its ae_path (a CALM run whose ae_path is "
+                              "AE_RUN/export, with AE_RUN/metrics.jsonl, is expected)")
+        flops += run_train_flops(ae_run)
+    return flops
+
+
+def autoencoder_run(calm_run_dir: str | os.PathLike) -> Path | None:
+    """The training run of the autoencoder a CALM run was trained on: the directory above its ae_path
+    (`AE_RUN/export`) when that holds a metrics.jsonl; None when it cannot be found."""
+    import yaml
+
+    config = Path(calm_run_dir) / "config.yaml"
+    if not config.is_file():
+        return None
+    ae_path = (yaml.safe_load(config.read_text()) or {}).get("ae_path")
+    if not ae_path:
+        return None
+    for candidate in (Path(ae_path).parent, Path(ae_path)):
+        if (candidate / "metrics.jsonl").is_file():
+            return candidate
+    return None

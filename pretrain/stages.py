@@ -14,14 +14,17 @@ the meta device for counting, or plainly for tests); `load_model` the only place
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from pretrain.finetune import masked_labels, unpack
 from pretrain.models import flops
 from pretrain.models.attention import attn_implementation
 from pretrain.models.autoencoder import Autoencoder, AutoencoderConfig
@@ -31,22 +34,29 @@ from pretrain.models.losses import linear_cross_entropy, resolve_chunk_rows
 
 
 def _autoencoder_objective(model, batch: torch.Tensor, metrics: bool = True, ce_chunk_rows: int | str = "auto"):
+    if unpack(batch)[1] is not None:
+        raise ValueError("the autoencoder stage trains on pretraining shards, not on fine-tuning (masked) data")
     return model(input_ids=batch, accuracy=metrics, ce_chunk_rows=ce_chunk_rows)
 
 
 def _calm_objective(model, batch: torch.Tensor, metrics: bool = True, ce_chunk_rows: int | str = "auto"):
-    return model(input_ids=batch)
+    """Energy loss; on fine-tuning data only the chunks holding response tokens (pretrain.finetune)."""
+    ids, mask = unpack(batch)
+    return model(input_ids=ids) if mask is None else model(input_ids=ids, loss_mask=mask)
 
 
 def _baseline_objective(model, batch: torch.Tensor, metrics: bool = True, ce_chunk_rows: int | str = "auto"):
     """Next-token cross-entropy. Small logits: transformers' own loss, unchanged. Large ones (see
     `losses.resolve_chunk_rows`): the backbone's final hidden states through the LM head in chunks of
-    rows, so the (tokens x vocabulary) logits are never whole; the model stays a plain Llama."""
+    rows, so the (tokens x vocabulary) logits are never whole; the model stays a plain Llama. On
+    fine-tuning data only the response targets are scored (labels -100 elsewhere; pretrain.finetune)."""
+    batch, mask = unpack(batch)
+    labels = batch if mask is None else masked_labels(batch, mask)
     module = getattr(model, "module", model)  # a DeepSpeed engine or the model itself
     head = module.lm_head
     rows = resolve_chunk_rows(ce_chunk_rows, batch.numel(), module.config.vocab_size, batch.device.type)
     if not rows:
-        return model(input_ids=batch, labels=batch)
+        return model(input_ids=batch, labels=labels)
     # logits_to_keep=1: the head's own forward makes one position's logits; hidden_states[-1] is the
     # final (normed) hidden state of every position.
     out = model(input_ids=batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
@@ -55,7 +65,7 @@ def _baseline_objective(model, batch: torch.Tensor, metrics: bool = True, ce_chu
     # float format): under ZeRO-3 the partitioned weight is gathered for that call and again for its
     # gradient in backward, as for any module call, so nothing reads it outside its module.
     eye = torch.eye(hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-    loss, _ = linear_cross_entropy(hidden, head(eye).T, batch[:, 1:], rows)
+    loss, _ = linear_cross_entropy(hidden, head(eye).T, labels[:, 1:], rows)
     return CausalLMOutputWithPast(loss=loss)
 
 
@@ -127,6 +137,16 @@ def stage_of_model_type(model_type: str | None) -> Stage:
         if stage.model_type == model_type:
             return stage
     raise ValueError(f"model_type {model_type!r} is none of ours ({sorted(s.model_type for s in STAGES.values())})")
+
+
+def describe_kind(model_type: str | None) -> str:
+    """'a CALM model (model_type 'energy')' and the like, for messages about a directory of the wrong kind."""
+    names = {"autoencoder": "an autoencoder", "calm": "a CALM model", "baseline": "a Llama (baseline) model"}
+    try:
+        name = names[stage_of_model_type(model_type).name]
+    except ValueError:
+        name = "a model that is none of this pipeline's"
+    return f"{name} (model_type {model_type!r})"
 
 
 def build_model(
@@ -206,11 +226,29 @@ def _attach_autoencoder(model: CALM, ae_path: str, outside: bool, device: torch.
         model.ae_model.load_state_dict(trained.state_dict())
 
 
+class WeightsMismatch(ValueError):
+    """A model directory's tensors are not the model's: the message names the missing and unexpected ones."""
+
+
 def load_autoencoder(path: str | os.PathLike) -> Autoencoder:
     """The exported autoencoder at `path` (a directory with config.json and weights)."""
-    return Autoencoder.from_pretrained(str(path))
+    return load_model("autoencoder", path)
 
 
 def load_model(stage: str, path: str | os.PathLike, **kwargs) -> PreTrainedModel:
-    """Load an exported model directory of the given stage (kwargs go to `from_pretrained`)."""
-    return get_stage(stage).model_class.from_pretrained(str(path), **kwargs)
+    """Load an exported model directory of the given stage (kwargs go to `from_pretrained`), strictly:
+    a missing or unexpected tensor raises WeightsMismatch instead of transformers' load report (which
+    would leave those weights freshly initialised)."""
+    spec = get_stage(stage)
+    config_file = Path(path) / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    if config_file.is_file() and model_type != spec.model_type:
+        raise WeightsMismatch(f"{path} holds {describe_kind(model_type)}, not a {stage} model")
+    model, info = spec.model_class.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {kind: names for kind, names in problems.items() if names}
+    if problems:
+        listed = "; ".join(f"{kind.split('_')[0]} {names[:4]}{' ...' if len(names) > 4 else ''}"
+                           for kind, names in problems.items())
+        raise WeightsMismatch(f"{path} does not hold a whole {stage} model of its config: {listed}")
+    return model

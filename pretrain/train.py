@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 from data_prep.manifest import ManifestError, check_compatible
-from pretrain import checkpoint, distributed
+from pretrain import checkpoint, distributed, init_from
 from pretrain.config import REPO_ROOT, ConfigError, TrainConfig, save_config
 from pretrain.data import check_tokenizer
 from pretrain.ds_config import build_ds_config, offloads_optimizer
+from pretrain.finetune import check_data as check_finetune_data
 from pretrain.metrics import MetricsLogger, memory_stats, peak_tflops
-from pretrain.stages import build_model, get_stage
+from pretrain.stages import build_model, describe_kind, get_stage
 from pretrain.state import TrainState, seed_everything
 
 EXIT_NONFINITE = 3
@@ -111,7 +112,7 @@ def check_autoencoder(ae_path: str | None, calm_config, manifest: dict | None = 
     except json.JSONDecodeError as exc:
         raise ConfigError(f"ae_path={ae_path}: config.json is not valid JSON ({exc})") from exc
     if model_type != "autoencoder":
-        raise ConfigError(f"ae_path={ae_path} holds a model of type {model_type!r}, not an autoencoder export "
+        raise ConfigError(f"ae_path={ae_path} holds {describe_kind(model_type)}, not an autoencoder "
                           "(point it at the export/ directory of an autoencoder run)")
     ae = get_stage("autoencoder").config_class.from_pretrained(str(path))
     problems = [f"{name}: autoencoder {getattr(ae, name)} vs calm {getattr(calm_config, name)}"
@@ -129,10 +130,13 @@ def check_autoencoder(ae_path: str | None, calm_config, manifest: dict | None = 
 
 def check_export_weights(export_dir: str) -> None:
     """Every safetensors file of an export is whole (its header covers the file), checked before the
-    model is built from it; a ConfigError naming the file otherwise."""
+    model is built from it; a ConfigError naming the file otherwise. (The authors' `.bin` layout is
+    read, and so checked, when the model is built.)"""
     from safetensors import SafetensorError, safe_open
 
     files = sorted(Path(export_dir).glob("*.safetensors"))
+    if not files and list(Path(export_dir).glob("pytorch_model*.bin")):
+        return
     if not files:
         raise ConfigError(f"ae_path={export_dir}: no *.safetensors weights there; re-export the autoencoder run "
                           "(python -m pretrain.export AE_RUN_DIR)")
@@ -177,9 +181,11 @@ def optimizer_class(ds_config: dict):
     return torch.optim.AdamW
 
 
-def build_engine(config: TrainConfig, model_config, ds_config: dict, device: torch.device, precision: str):
+def build_engine(config: TrainConfig, model_config, ds_config: dict, device: torch.device, precision: str,
+                 init_source=None, is_main: bool = True):
     """(engine, optimizer): the stage's model under DeepSpeed with AdamW, partitioned at construction
-    under ZeRO-3, CALM's autoencoder kept whole, frozen and outside the engine."""
+    under ZeRO-3, CALM's autoencoder kept whole, frozen and outside the engine; its weights random
+    (from `config.seed`) or those of `init_source` (`pretrain.init_from`)."""
     import deepspeed
 
     zero3 = ds_config["zero_optimization"]["stage"] == 3
@@ -187,6 +193,12 @@ def build_engine(config: TrainConfig, model_config, ds_config: dict, device: tor
     model = build_model(config.stage, model_config, device=device, dtype=dtype_of(precision),
                         zero3_config=ds_config if zero3 else None, frozen_ae_outside=True,
                         activation_checkpointing=config.activation_checkpointing)
+    if init_source is not None:
+        init_from.check_autoencoder_weights(model, init_source, config.ae_path)
+        count = init_from.load_weights(model, init_source, zero3, is_main)
+        if is_main:
+            print(f"initialised {count} tensors from {init_source.path}; optimizer, schedule and data start "
+                  "at step 0", flush=True)
     optimizer = optimizer_class(ds_config)(param_groups(model, config.optim.weight_decay), lr=lr_at(config, 0),
                                            betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -244,10 +256,14 @@ class Trainer:
         self.resume = resume
         self.loader = train_loader(config, world)  # data.path, or the weighted mixture of data.sources
         self.stage = get_stage(config.stage)
+        self.init_source = init_from.prepare(config)  # completes config.model from the checkpoint's
         model_config = self.stage.build_config(config.model, config.ae_path)
         check_compatibility(config, model_config, self.loader.manifest)
+        self.masked = check_finetune_data(config, model_config, self.loader)  # loss masks: response-only loss
         for source in getattr(self.loader, "sources", [self.loader]):
             check_tokenizer(source.data_dir, source.manifest)
+        if self.init_source is not None:
+            init_from.check_tokenizer(self.init_source, self.loader.manifest, source.data_dir)
         if config.stage == "calm":
             check_export_weights(config.ae_path)
         if config.eval_every:
@@ -270,7 +286,9 @@ class Trainer:
             self.resume_tag = checkpoint.select(config, world, universal)
             checkpoint.check_world_size(config, world, universal, self.resume_tag)
             checkpoint.check_model(config, self.resume_tag)
-        self.engine, self.optimizer = build_engine(config, model_config, self.ds_config, world.device, self.precision)
+        # Resuming: the checkpoint's weights replace whatever init_from would have given.
+        self.engine, self.optimizer = build_engine(config, model_config, self.ds_config, world.device, self.precision,
+                                                   None if resume else self.init_source, world.is_main)
         self.dtype = dtype_of(self.precision)
         self.tokens_per_step = self.engine.train_batch_size() * self.block_len
         self.flops_per_token = self.stage.train_flops_per_token(model_config, self.block_len)
@@ -379,6 +397,8 @@ class Trainer:
         # closed by run() too, so that an error message does not land on the bar's line
         progress = self._progress = tqdm(total=config.max_steps, initial=state.step, disable=not world.is_main,
                                          desc=config.stage, dynamic_ncols=True)
+        if state.step == 0 and config.init_from and config.eval_every:
+            self.validate(0, 0)  # the starting point's validation metrics: what fine-tuning improves on
         window = Window()
         self.engine.train()
         skipped_in_a_row = 0
@@ -487,8 +507,8 @@ class Trainer:
     def _brier_probe(self) -> dict[str, float]:
         """BrierLM on the first `eval_brier_blocks` validation blocks of each rank (pretrain.brier.probe)."""
         config = self.config
-        if not config.eval_brier_blocks or config.stage == "autoencoder":
-            return {}
+        if not config.eval_brier_blocks or config.stage == "autoencoder" or self.masked:
+            return {}  # fine-tuning data: BrierLM over prompts and padding would mean little
         from pretrain.brier.probe import brier_probe
 
         loader = next(iter(self.val_loaders.values()))

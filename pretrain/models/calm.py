@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaModel, PreTrainedModel
+from transformers import GenerationConfig, LlamaConfig, LlamaModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
@@ -143,12 +143,21 @@ class CALM(PreTrainedModel, CALMGenerationMixin):
         Loading swaps in fresh parameters (requires_grad=True), so the autoencoder is frozen again here,
         and it is kept in float32 whatever `dtype` the backbone is loaded in: its decoder turns latents
         into tokens by argmax, and logits rounded to bf16 would tie (it is small next to the backbone).
+        The saved generation_config.json is read too (transformers reads it only for models whose
+        `generate` is its own): its special tokens, temperature and prompt alignment are generate()'s.
         """
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
         model.ae_model.float()
         model.ae_model.requires_grad_(False)
         model.ae_model.eval()
-        return model
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(source, **hub)
+        except (OSError, ValueError, TypeError):
+            pass  # no generation_config.json (the authors' checkpoints): the defaults stay
+        return loaded
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -218,15 +227,22 @@ class CALM(PreTrainedModel, CALMGenerationMixin):
             mu, log_sigma = self.ae_model.encode(input_ids)
         return mu.float(), log_sigma.float()
 
-    def forward(self, input_ids: torch.LongTensor, **kwargs) -> CALMOutput:
-        """Energy loss of predicting chunks 1..T-1 from chunks 0..T-2 of `input_ids` (B, T*K)."""
+    def forward(self, input_ids: torch.LongTensor, loss_mask: torch.Tensor | None = None, **kwargs) -> CALMOutput:
+        """Energy loss of predicting chunks 1..T-1 from chunks 0..T-2 of `input_ids` (B, T*K).
+
+        `loss_mask` (B, T*K), fine-tuning: only the target chunks that hold a masked-in (response) token
+        are scored (the head samples only there), so the loss is their mean and the rest give nothing."""
         n = self._num_chunks(input_ids)
         if n < 2:
             raise ValueError(f"CALM needs at least 2 chunks ({2 * self.patch_size} tokens) per sequence, got {n}")
         k = self.patch_size
         mu, log_sigma = self.target_posterior(input_ids[:, k:])
         hidden, _ = self.backbone(self.chunk_embeddings(input_ids[:, :-k]), use_cache=False)
-        samples = self.sample_latents(hidden, num_samples=self.config.num_samples)
+        predicting = hidden
+        if loss_mask is not None:
+            scored = loss_mask[:, k:].reshape(loss_mask.shape[0], n - 1, k).bool().any(-1)
+            predicting, mu, log_sigma = hidden[scored], mu[scored], log_sigma[scored]
+        samples = self.sample_latents(predicting, num_samples=self.config.num_samples)
         loss, fidelity, diversity = energy_loss(samples, mu, log_sigma, self.config.num_target_samples,
                                                 self.config.beta, terms=True)
         return CALMOutput(loss=loss.mean(), last_hidden_state=hidden, fidelity=fidelity.mean().detach(),

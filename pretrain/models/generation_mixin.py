@@ -62,8 +62,12 @@ class CALMGenerationMixin:
                  generation_config: GenerationConfig | None = None, streamer=None,
                  generator: torch.Generator | None = None, seed: int | None = None, sampler: str = "exact",
                  max_draws: int = 1000, num_candidates: int = 200, return_dict_in_generate: bool | None = None,
-                 **kwargs):
+                 prompt_alignment: str | None = None, **kwargs):
+        """See the module docstring. `prompt_alignment`: "constrain" (the default) or "left_pad" for
+        models fine-tuned on prompt/response data (`generation.left_pad`); when None, the generation
+        config's `prompt_alignment` if it has one."""
         config = self._generation_settings(generation_config, kwargs)
+        alignment = prompt_alignment or getattr(config, "prompt_alignment", None) or "constrain"
         prompts, given = self._prompts(input_ids, attention_mask)
         if config.num_return_sequences and config.num_return_sequences > 1:
             n = config.num_return_sequences
@@ -81,7 +85,8 @@ class CALMGenerationMixin:
             streamer.put(given.cpu())
             on_tokens = lambda new: streamer.put(torch.tensor(new[0], dtype=torch.long)) if new[0] else None  # noqa: E731
         out = calm_generate(self, prompts, max_new, config.temperature, sampler, config.eos_token_id,
-                            config.pad_token_id, seed, num_candidates, max_draws, on_tokens=on_tokens)
+                            config.pad_token_id, seed, num_candidates, max_draws, on_tokens=on_tokens,
+                            prompt_alignment=alignment)
         if streamer is not None:
             streamer.end()
         sequences = torch.cat([given.to(out.sequences.device), out.sequences], dim=1)

@@ -50,7 +50,7 @@ def test_report_numbers_and_files(evaluated, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     b = rows["baseline-tiny"]["brierlm"]
-    assert f"| baseline-tiny | baseline | 1 |" in md
+    assert "| baseline-tiny | baseline | 1 |" in md
     assert f"{b['brierlm']:.3f} ± {b['brierlm_se']:.3f}" in md
     assert f"{rows['ae-tiny']['reconstruction']['accuracy']:.5f}" in md
     assert "![BrierLM vs training FLOPs: notes.jsonl, context 32](frontier_1.png)" in md
@@ -92,3 +92,24 @@ def test_report_accepts_result_files_and_names_bad_ones(evaluated, tmp_path):
     bad.write_text(json.dumps({"schema": "calm-eval/1", "model": {"name": "x"}, "data": {}}))
     with pytest.raises(ValueError, match=r"bad.json: missing key model.path"):
         build_report([str(bad)], tmp_path / "two")
+
+
+def test_report_states_and_offers_both_flops_accountings(evaluated, tmp_path):
+    """CALM's autoencoder training FLOPs: listed apart by default, charged to CALM with --with-ae-flops."""
+    import shutil
+
+    runs = {stage: tmp_path / evaluated[stage].name for stage in ("calm", "autoencoder")}
+    for stage, run in runs.items():
+        shutil.copytree(evaluated[stage], run)
+    (runs["calm"] / "config.yaml").write_text(f"stage: calm\nae_path: {runs['autoencoder'] / 'export'}\n")
+    spent = {stage: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                     if json.loads(line)["split"] == "train"][-1]["train_flops"] for stage, run in runs.items()}
+    for flag, charged in (([], spent["calm"]), (["--with-ae-flops"], spent["calm"] + spent["autoencoder"])):
+        out = tmp_path / f"report{len(flag)}"
+        assert main([str(runs["calm"]), "--out", str(out), *flag]) == 0
+        report = json.loads((out / "report.json").read_text())
+        row = report["models"][0]
+        assert row["ae_train_flops"] == pytest.approx(spent["autoencoder"])
+        assert row["train_flops"] == pytest.approx(charged)
+        assert report["calm_flops_include_autoencoder"] is bool(flag)
+        assert ("INCLUDE its autoencoder" if flag else "NOT counted") in (out / "report.md").read_text()

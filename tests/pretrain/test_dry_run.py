@@ -19,9 +19,9 @@ from pretrain.models.flops import param_count
 from tests.readme import command
 
 REPO = Path(__file__).resolve().parents[2]
-README_TRAIN = {"autoencoder": "bash run.sh train --stage autoencoder",
-                "calm": "bash run.sh train --stage calm",
-                "baseline": "bash run.sh train --stage baseline"}
+README_TRAIN = {"autoencoder": "bash run.sh train --stage autoencoder --config ae",
+                "calm": "bash run.sh train --stage calm --config calm-m",
+                "baseline": "bash run.sh train --stage baseline --config transformer-s"}
 
 
 def _parse(stdout: str) -> tuple[int, int, dict]:

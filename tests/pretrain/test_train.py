@@ -159,7 +159,7 @@ def test_incompatible_data_and_autoencoder_are_refused_before_training(tiny_data
     calm_export = tmp_path / "calm_export"
     calm_export.mkdir()
     (calm_export / "config.json").write_text(json.dumps({"model_type": "energy"}))
-    with pytest.raises(ConfigError, match="holds a model of type 'energy', not an autoencoder export"):
+    with pytest.raises(ConfigError, match=r"holds a CALM model \(model_type 'energy'\), not an autoencoder"):
         _check(_config(tmp_path, tiny_data_dir, "calm", f"ae_path={calm_export}"), manifest)
     ae_dir = tmp_path / "ae"
     AutoencoderConfig(vocab_size=512, latent_size=16, patch_size=4).save_pretrained(ae_dir)
@@ -316,3 +316,17 @@ def test_match_flops_gives_a_run_within_one_step_of_the_target(tiny_data_dir, tm
     assert target <= spent < target + per_step
     missing = _run([sys.executable, "-m", "pretrain", *common, "--match-flops", str(tmp_path / "none")])
     assert missing.returncode == 2 and "no metrics.jsonl there" in missing.stderr
+
+
+def test_match_flops_can_charge_calm_its_autoencoder(tmp_path):
+    from pretrain.metrics import run_train_flops
+
+    ae, calm = tmp_path / "ae", tmp_path / "calm"
+    for run, flops in ((ae, 2e9), (calm, 5e9)):
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 3, "train_flops": flops}) + "\n")
+    (calm / "config.yaml").write_text(f"stage: calm\nae_path: {ae / 'export'}\n")
+    assert run_train_flops(calm) == 5e9
+    assert run_train_flops(calm, with_autoencoder=True) == 7e9
+    with pytest.raises(ConfigError, match="no autoencoder run found"):
+        run_train_flops(ae, with_autoencoder=True)

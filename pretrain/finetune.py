@@ -1,0 +1,54 @@
+"""Training on fine-tuning shards (loss masks, data_prep/finetune.py): the objectives' view of a batch
+and the checks made before the first step.
+
+A batch of masked shards is a `pretrain.data.MaskedBatch`. The baseline scores only the masked-in
+(response) targets in its next-token cross-entropy (labels -100 elsewhere); CALM scores only the
+target chunks that hold a response token (`CALM.forward(loss_mask=...)`); both average over the
+scored positions of the micro-batch. Validation goes through the same objectives, so its `loss` is
+the response-only loss. The autoencoder is not fine-tuned on such data, a mixture (`data.sources`)
+may not hold it, and a CALM must have the patch size the prompts were aligned to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pretrain.config import ConfigError
+from pretrain.data import MaskedBatch
+
+IGNORE = -100
+"""The label of an unscored target (transformers' and `losses.linear_cross_entropy`'s ignore_index)."""
+
+
+def unpack(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(token ids, loss mask or None) of a plain or masked batch."""
+    if isinstance(batch, MaskedBatch):
+        return batch.input_ids, batch.loss_mask
+    return batch, None
+
+
+def masked_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token labels in which only masked-in positions are scored."""
+    return input_ids.masked_fill(~loss_mask.bool(), IGNORE)
+
+
+def check_data(config, model_config, loader) -> bool:
+    """Refuses masked data where it cannot be trained on (a ConfigError naming why); True when the run
+    trains on masked data."""
+    sources = getattr(loader, "sources", [loader])
+    masked = [getattr(s, "masked", False) for s in sources]
+    if not any(masked):
+        return False
+    where = config.data.path or [s.data_dir for s in sources]
+    if len(sources) > 1:
+        raise ConfigError(f"data.sources: fine-tuning data (loss masks) trains alone with data.path=DIR, not in "
+                          f"a mixture ({where})")
+    if config.stage == "autoencoder":
+        raise ConfigError(f"{where} holds fine-tuning data (loss masks); the autoencoder stage trains on "
+                          "pretraining shards only")
+    aligned = loader.manifest.get("finetune", {}).get("patch_size")
+    if config.stage == "calm" and aligned != model_config.patch_size:
+        raise ConfigError(f"{where}: prompts were aligned to K={aligned} (data_prep --patch-size) but this CALM has "
+                          f"patch_size {model_config.patch_size}; re-run data_prep with --patch-size "
+                          f"{model_config.patch_size}")
+    return True
