@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m bench.brierlm [--context 2048] [--vocab-size 32000] [--collision 0.4] [--repeats 3]
     OMP_NUM_THREADS=1 python -m bench.brierlm --calm --context 8192     # CALM: certified vs reference decode
+    OMP_NUM_THREADS=1 python -m bench.brierlm --calm --context 8192 --authors-src ~/calm  # and the authors' code
     OMP_NUM_THREADS=1 python -m bench.brierlm --model runs/baseline-s/export \\
         --data wikitext103_test.jsonl       # WikiText-103 test documents, JSONL of {"text": ...}
 
@@ -66,9 +67,46 @@ def timed(fn):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def authors_model(calm, src: str, collision: float):
+    """The authors' CALM (their code, imported from the checkout `src`, not part of this repository) with
+    `calm`'s weights: their parameter names are ours (pretrain/models/calm.py), the head also listed as
+    `generative_head.*`, the autoencoder saved for their `ae_path`. Their head's samples are replaced by
+    the same synthetic codes as ours (`bench.generate.synthetic_head`), so both estimate one distribution."""
+    import tempfile
+
+    from bench.generate import zipf_for_collision
+
+    sys.path.insert(0, str(Path(src).resolve()))
+    from models.configuration_calm import CALMConfig  # the authors' modules
+    from models.modeling_energy import EnergyTransformer
+
+    config = calm.config.to_dict()
+    for key in ("ae_config", "auto_map"):
+        config.pop(key, None)
+    with tempfile.TemporaryDirectory(prefix="authors-ae-") as ae_dir:  # read once, by their constructor
+        calm.ae_model.save_pretrained(ae_dir, safe_serialization=False)
+        theirs = EnergyTransformer(CALMConfig(**dict(config, ae_path=ae_dir)))
+    state = dict(calm.state_dict())
+    state.update({"generative_head." + k[len("mlp_generator."):]: v for k, v in state.items()
+                  if k.startswith("mlp_generator.")})
+    theirs.load_state_dict(state, strict=False)
+    theirs.ae_model.decoder.lm_head_weight = theirs.ae_model.encoder.embed_tokens.weight  # tied, as they set it
+    table = torch.randn(64, calm.config.latent_size, generator=torch.Generator().manual_seed(0))
+    probs = zipf_for_collision(64, collision).float()
+    real = theirs.generative_head.sample
+
+    def sample(hidden):
+        z = real(hidden)
+        return table[torch.multinomial(probs, z[..., 0].numel(), replacement=True)].view(z.shape)
+
+    theirs.generative_head.sample = sample
+    return theirs.eval()
+
+
 def calm_bench(args) -> None:
     """CALM BrierLM on one sequence of `--context` tokens: the certified argmax decoder against the
-    per-sample reference decode (every draw through the float32 full-vocabulary projection), same draws."""
+    per-sample reference decode (every draw through the float32 full-vocabulary projection), same draws;
+    with `--authors-src`, the authors' evaluation forward on the same weights beside them."""
     from bench.generate import BACKBONE, synthetic_head
     from pretrain.brier.calm_brier import CALMSampler, calm_brier
     from pretrain.stages import build_model
@@ -77,29 +115,49 @@ def calm_bench(args) -> None:
     ae = dict(vocab_size=args.vocab_size, hidden_size=256, intermediate_size=640, latent_size=128, patch_size=4)
     calm = build_model("calm", dict(BACKBONE, vocab_size=args.vocab_size, latent_size=128, patch_size=4,
                                     num_mlp_layers=1, max_position_embeddings=args.context // 4, ae_config=ae)).eval()
+    theirs = authors_model(calm, args.authors_src, args.collision) if args.authors_src else None
     synthetic_head(calm, args.collision)
     ids = torch.randint(0, args.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(1))
     print(f"model: random CALM 4x256, K=4, AE width 256, vocab {args.vocab_size}, head collision Σ P² = "
           f"{args.collision} (bench.generate's synthetic head), {args.context} random tokens; threads: "
           f"{torch.get_num_threads()}", flush=True)
+    runs = {"reference (float32)": lambda: calm_brier(CALMSampler(calm, torch.Generator().manual_seed(args.seed),
+                                                                  screened_decode=False), ids).estimates,
+            "certified argmax": lambda: calm_brier(CALMSampler(calm, torch.Generator().manual_seed(args.seed)),
+                                                   ids).estimates}
+    if theirs is not None:
+        runs["authors' eval forward"] = lambda: authors_brier(theirs, ids)
     best = {}
-    for _ in range(args.repeats):  # interleaved, so a changing machine load hits both alike
-        for screened in (False, True):
-            sampler = CALMSampler(calm, torch.Generator().manual_seed(args.seed), screened_decode=screened)
-            out, wall, cpu = timed(lambda: calm_brier(sampler, ids))
-            if screened not in best or wall < best[screened][1]:
-                best[screened] = (out, wall, cpu)
-    (ref, wall_ref, cpu_ref), (fast, wall_fast, cpu_fast) = best[False], best[True]
-    print(f"{'decode':<22}{'wall s':>9}{'CPU s':>9}")
-    print(f"{'reference (float32)':<22}{wall_ref:>9.2f}{cpu_ref:>9.2f}\n{'certified argmax':<22}{wall_fast:>9.2f}{cpu_fast:>9.2f}")
-    print(f"speed-up: {wall_ref / wall_fast:.2f}x wall, {cpu_ref / cpu_fast:.2f}x CPU; identical estimates: "
-          f"{torch.equal(ref.estimates, fast.estimates)}")
+    for _ in range(args.repeats):  # interleaved, so a changing machine load hits all alike
+        for name, fn in runs.items():
+            out, wall, cpu = timed(fn)
+            if name not in best or wall < best[name][1]:
+                best[name] = (out, wall, cpu)
+    print(f"{'estimator':<24}{'wall s':>9}{'CPU s':>9}{'ours vs it (wall / CPU)':>26}   Brier-1..4 of this block")
+    _, wall_fast, cpu_fast = best["certified argmax"]
+    for name, (out, wall, cpu) in best.items():
+        means = out if out.dim() == 1 else out.mean(0)
+        print(f"{name:<24}{wall:>9.2f}{cpu:>9.2f}{f'{wall / wall_fast:.2f}x / {cpu / cpu_fast:.2f}x':>26}   "
+              + ", ".join(f"{m:.4f}" for m in means.tolist()))
+    same = torch.equal(best["reference (float32)"][0], best["certified argmax"][0])
+    print(f"identical estimates (certified vs reference, same draws): {same}")
+
+
+@torch.no_grad()
+def authors_brier(model, ids: torch.Tensor) -> torch.Tensor:
+    """The authors' evaluation forward (energy loss and Brier-1..4, as their evaluation runs it) -> (4,)."""
+    out = model(input_ids=ids, labels=ids)
+    return torch.stack([out.brier1, out.brier2, out.brier3, out.brier4]).double()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calm", action="store_true",
                    help="time CALM's estimator instead: certified argmax decoding vs the per-sample reference decode")
+    p.add_argument("--authors-src", metavar="DIR",
+                   help="with --calm: a checkout of the authors' CALM repository (its models/ package); their "
+                        "evaluation forward is timed beside ours on the same weights (their code is imported "
+                        "from DIR, not shipped here)")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--collision", type=float, default=0.4, help="target mean Σ P² (random model only)")

@@ -14,8 +14,15 @@ size and temperature, generated tokens/s (best of `--repeats`, interleaved with 
 runs so that a shared machine's changing load hits all alike), backbone forward passes per
 generated token, head draws per chunk, draws decoded per chunk (a call's draws after a row's
 acceptance included), of those the ones that needed the full-vocabulary projection (the rest were
-certified against a reference draw, pretrain/models/argmax_decode.py), and CALM's speed-up over the
-baseline.
+certified against a reference draw, pretrain/models/argmax_decode.py), head + decoder calls per
+step, the share of chunks `capped`, and CALM's speed-up over the baseline.
+
+Capped: the exact sampler stops after `--max-draws` head draws for a chunk without an acceptance (at
+T = 1/2 it accepts the first pair of consecutive draws that decode equal, so it needs about 1/Σ P(x)²
+draws per chunk). A capped chunk is drawn by the authors' batch rule among that chunk's *last round*
+of draws (a value seen c times weighted by C(c, n)), which is an approximation of P(x)^(1/T), so a
+high capped share means the exact sampler's output was mostly approximate and its speed is that of
+the cap. The calm batch sampler (`--num-candidates`) is that approximation throughout.
 
 The baseline samples through transformers' `generate` (float32, KV cache, pure temperature
 sampling, same thread count); a hand-written KV-cache loop (softmax(logits/T), multinomial) measured
@@ -92,9 +99,9 @@ HEADER = (f"{'model':<22}{'batch':>6}{'T':>6}{'tok/s':>10}{'passes/tok':>12}{'dr
 def compare(calm, baseline, prompts: list[list[int]], temperature: float, args) -> None:
     """One table block: the baseline and CALM's samplers on the same prompts at one temperature.
     `capped` is the share of chunks where the exact sampler hit its draw cap and fell back to the
-    batch rule over the draws made so far (so those chunks are approximate)."""
+    batch rule over its last round of draws (so those chunks are approximate; module docstring)."""
     batch, k = len(prompts), calm.patch_size
-    variants = [("calm exact", dict(sampler="exact", first_round=args.draws_per_call))]
+    variants = [("calm exact", dict(sampler="exact", first_round=args.draws_per_call, max_draws=args.max_draws))]
     if temperature < 1:
         variants.append((f"calm batch N={args.num_candidates}", dict(sampler="batch", num_candidates=args.num_candidates)))
     runs = [lambda: baseline_generate(baseline, prompts, args.new_tokens, temperature, eos_token_id=None,
@@ -154,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--collision", type=float, default=0.4, help="Σ P(x)² of the synthetic chunk distribution")
     parser.add_argument("--draws-per-call", type=int, default=None,
                         help="exact sampler: first round of draws (default: the sampler's own, n + (α > 0))")
+    parser.add_argument("--max-draws", type=int, default=1000,
+                        help="exact sampler: cap on head draws per chunk; a chunk reaching it unaccepted is "
+                             "'capped' and chosen by the batch rule among its last round of draws (approximate)")
     parser.add_argument("--num-candidates", type=int, default=200, help="batch sampler N (the authors' default)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)

@@ -22,6 +22,12 @@ probabilities are known). With K < 4 the n-grams span D = ⌈4/K⌉ chunks and t
   the next input (a branch of the teacher-forced cache, `pretrain.brier.branching`, all positions in one
   pass per depth) and two fresh samples are compared; disagreeing positions need nothing more.
 
+Only indicators whose running product is still 1 can change an estimate, so with K >= 4 the certified
+path (`CALMSampler` with its `ArgmaxDecoder`) decodes position j of a sample only while its first j
+tokens equal the truth's or another sample's: most samples part from both at their first token, so
+about half of the positions (and of the decoder's per-position work) are skipped, with the estimates of
+decoding everything.
+
 The estimator core (`calm_brier_block`) talks to a `ChunkSampler`, so tests can drive it with a
 synthetic head whose decoded distribution is known exactly; `CALMSampler` is the real model.
 Evaluated positions are those whose D following chunks lie inside the block.
@@ -38,7 +44,7 @@ from transformers import DynamicCache
 from pretrain.brier.branching import BranchCache, branch_forward, compact, ensure_mask_capable
 from pretrain.brier.brier_stats import N_GRAMS
 from pretrain.brier.brierlm import BlockEstimates
-from pretrain.models.argmax_decode import ArgmaxDecoder
+from pretrain.models.argmax_decode import ArgmaxDecoder, decoder_tail, decoder_trunk
 
 
 class ChunkSampler(Protocol):
@@ -89,12 +95,39 @@ class CALMSampler:
             out.append(decode(part).view(*part.shape[:3], self.patch_size))
         return torch.cat(out, dim=2).permute(1, 2, 0, 3)
 
+    def _needed_samples(self, hidden: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """`_samples` for one-chunk n-grams (K >= N_GRAMS), decoding only the tokens an estimate can read:
+        position j of a sample matters only while its first j tokens equal the truth's (B, M, K) or another
+        sample's; elsewhere every running product is already 0, so -1 fills in and the estimates are
+        those of decoding everything. The decoder's per-position layers run only there too, and
+        positions past N_GRAMS never."""
+        decoder = self.decoder
+        latents = self.model.sample_latents(hidden, num_samples=self.num_samples, generator=self.generator)
+        trunk = decoder_trunk(decoder.decoder, latents.permute(1, 2, 0, 3).to(decoder.weight.dtype))  # (B, M, S, K, d)
+        out = torch.full(trunk.shape[:-1], -1, dtype=torch.long, device=hidden.device)
+        need = torch.ones(out.shape[:-1], dtype=torch.bool, device=hidden.device)
+        others = ~torch.eye(self.num_samples, dtype=torch.bool, device=hidden.device)
+        for pos in range(N_GRAMS):
+            idx = need.nonzero(as_tuple=True)
+            if len(idx[0]) == 0:
+                break
+            out[idx + (pos,)] = decoder.tokens_from_hidden(decoder_tail(decoder.decoder, trunk[..., pos, :][idx]))
+            seen = out[..., : pos + 1]
+            hit = (seen == truth[:, :, None, : pos + 1]).all(-1)
+            same = ((seen[:, :, :, None] == seen[:, :, None, :]).all(-1) & others).any(-1)
+            need &= hit | same
+        return out
+
     @torch.no_grad()
     def teacher(self, input_ids: torch.Tensor) -> torch.Tensor:
         cache = DynamicCache(config=self.model.config)
         hidden, _ = self.model.backbone(self.model.chunk_embeddings(input_ids), past_key_values=cache, use_cache=True)
         self.cache = BranchCache(cache)
         self.forward_calls += 1
+        if self.decoder is not None and self.decoder.split and self.patch_size >= N_GRAMS:
+            chunks = input_ids.view(input_ids.shape[0], -1, self.patch_size)
+            truth = torch.nn.functional.pad(chunks[:, 1:], (0, 0, 0, 1), value=-1)  # the last step has none
+            return self._needed_samples(hidden, truth)
         return self._samples(hidden, self.num_samples)
 
     @torch.no_grad()

@@ -32,8 +32,16 @@ Sampling at T = 1/2 only asks which pair of consecutive draws is the first to de
 token beaten by a shortlist token by more than rounding certifies that, at S·d cost. So a pair is
 mostly settled by one screened position, and only the accepted pair is decoded in full.
 
+Small vocabularies (at most `DIRECT_VOCAB` tokens, e.g. a byte-level one) are the other way round:
+the float32 projection costs less than the decoder's own per-position layers, so every position is
+projected exactly as the reference does, and `decode_pairs` saves decoder work instead: the decoder's
+per-latent layers run for every draw, its per-position layers only at the positions where a pair is
+still equal (most pairs differ at their first position). Likewise `decode_distinct`, for duplicate
+counts over a round of draws (the capped fallback), decodes a draw only as far as its prefix is shared.
+
 So `ArgmaxDecoder(model)(latents)`, `decode_draws` and `decode_pairs` give the same tokens (and the
-same first equal pair) as `model.decode_latents(latents)`.
+same first equal pair) as `model.decode_latents(latents)`. Like the reference, they rely on the
+decoder's layers computing each row (draw, position) the same whatever the batch it is computed in.
 """
 
 from __future__ import annotations
@@ -46,7 +54,11 @@ BF16_UNIT_ROUNDOFF = 2.0 ** -8
 class ArgmaxDecoder:
     """Greedy tokens of a CALM's frozen autoencoder decoder; holds a bf16 copy of the output matrix."""
 
-    def __init__(self, model, shortlist: int = 16, max_references: int = 2, min_certifiable: int = 128):
+    DIRECT_VOCAB = 1024
+    """Default `direct_vocab`: vocabularies up to this size are projected directly (see __init__)."""
+
+    def __init__(self, model, shortlist: int = 16, max_references: int = 2, min_certifiable: int = 128,
+                 direct_vocab: int | None = None):
         ae = model.ae_model
         self.decoder = ae.decoder
         self.patch_size = ae.config.patch_size
@@ -79,10 +91,29 @@ class ArgmaxDecoder:
         """Of those, positions that needed the full float32 projection (for benchmarks and tests)."""
         self.projected = 0
         """Positions screened over the whole vocabulary (for benchmarks)."""
+        self.screen_rows = 64
+        """States screened per slice (`_screen`)."""
+        # Below this many tokens the float32 projection costs less than the decoder's per-position layers,
+        # so screening and certificates cost more than they save: every decoded position is projected
+        # exactly as `decode_latents` does, and pairs are compared position by position (`_pairs_by_position`).
+        self.direct = vocab <= (self.DIRECT_VOCAB if direct_vocab is None else direct_vocab)
+        self.split = all(hasattr(self.decoder, a) for a in ("latent_to_hidden", "decoder_layers", "n_first",
+                                                             "expand_layer", "norm"))
 
     def _screen(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(M, d) float states -> (exact argmax (M,), shortlist (M, S), ceiling (M,)): no token outside
-        the shortlist has an exact logit above the ceiling."""
+        the shortlist has an exact logit above the ceiling.
+
+        In slices of `screen_rows` states: a slice's screen (rows × V floats) then stays in cache between
+        the product, its widening and the block maxima, which halves the cost of streaming a whole
+        (M, V) screen through memory several times when M is large (BrierLM decodes thousands at once)."""
+        if hidden.shape[0] <= self.screen_rows:
+            return self._screen_rows(hidden)
+        parts = [self._screen_rows(part) for part in hidden.split(self.screen_rows)]
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    def _screen_rows(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_screen` of one slice."""
         m = hidden.shape[0]
         self.projected += m
         # Ranked in bf16 (a float32 copy of the matrix costs a full pass); the product is widened to
@@ -169,6 +200,9 @@ class ArgmaxDecoder:
     @torch.no_grad()
     def tokens_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """(M, d) final decoder states -> (M,) exact argmax of hidden @ weight.T."""
+        if self.direct:
+            self.projected += hidden.shape[0]
+            return torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight).argmax(-1)
         return self._screen(hidden.to(self.weight.dtype))[0]
 
     @torch.no_grad()
@@ -224,6 +258,8 @@ class ArgmaxDecoder:
         k = self.patch_size
         device = latents.device
         hidden = self.decoder(latents.to(self.weight.dtype))  # the decoder is per-position: draws act as time
+        if self.direct:
+            return self.tokens_from_hidden(hidden.reshape(-1, hidden.shape[-1])).view(r, m, k)
         # one stream per (row, chunk position) holding its M draws' states
         streams = hidden.view(r, m, k, -1).transpose(1, 2).reshape(r * k, m, -1)
         tokens = torch.full((r * k, m), -1, dtype=torch.long, device=device)
@@ -274,8 +310,11 @@ class ArgmaxDecoder:
         reference's token); (2) each open pair, at its first unsettled position, has one draw screened
         and the other certified against it; (3) the pairs still open before each row's first equal pair
         (up to the first open near one) are decoded completely in one screening pass, repeated until every
-        row has an equal pair or no open one before it. Screened draws become references.
+        row has an equal pair or no open one before it. Screened draws become references. Small
+        vocabularies (`direct`) take `_pairs_by_position` instead, without references.
         """
+        if self.direct and self.split:
+            return self._pairs_by_position(latents)
         r, m, _ = latents.shape
         pairs, k = m // 2, self.patch_size
         device = latents.device
@@ -324,6 +363,59 @@ class ArgmaxDecoder:
         chunk = tokens[torch.arange(r, device=device), first_equal.clamp(max=pairs - 1), 0]
         return torch.where(found, first_equal, -1), torch.where(found[:, None], chunk, 0)
 
+    def _pairs_by_position(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode_pairs` for small vocabularies: the decoder's per-latent layers run for every draw, its
+        per-position layers and the projection only where a pair is still equal on every earlier position
+        (most pairs differ at their first position, so about one position in K is decoded)."""
+        r, m, _ = latents.shape
+        pairs, k = m // 2, self.patch_size
+        trunk = decoder_trunk(self.decoder, latents.to(self.weight.dtype)).view(r, pairs, 2, k, -1)
+        tokens = torch.zeros(r, pairs, 2, k, dtype=torch.long, device=latents.device)
+        equal = torch.ones(r, pairs, dtype=torch.bool, device=latents.device)
+        for pos in range(k):
+            row, pair = equal.nonzero(as_tuple=True)
+            if len(row) == 0:
+                break
+            hidden = decoder_tail(self.decoder, trunk[row, pair, :, pos])  # (N, 2, d)
+            found = self.tokens_from_hidden(hidden.flatten(0, 1)).view(-1, 2)
+            tokens[row, pair, :, pos] = found
+            equal[row, pair] = found[:, 0] == found[:, 1]
+        first = torch.where(equal.any(1), equal.long().argmax(1), -1)
+        chunk = tokens[torch.arange(r, device=latents.device), first.clamp(min=0), 0]
+        return first, torch.where((first >= 0)[:, None], chunk, 0)
+
+    @torch.no_grad()
+    def decode_distinct(self, latents: torch.Tensor, memory: "StreamMemory | None" = None,
+                        rows: torch.Tensor | None = None):
+        """Draws (R, M, l) -> (chunks (R, M, K), finish): what duplicate counts over each row's draws need.
+
+        Small vocabularies decode a draw's position j only while its first j tokens equal another draw's
+        of the row; from its first unshared position on it holds -1 - m (m its index: unique, so draws
+        keep the duplicate counts and equal pairs of the full decode). `finish(row, draw)` -> those draws'
+        full chunks (N, K). Other decoders decode everything (`decode_draws`)."""
+        if not (self.direct and self.split):
+            chunks = self.decode_draws(latents, memory, rows)
+            return chunks, lambda row, draw: chunks[row, draw]
+        r, m, _ = latents.shape
+        trunk = decoder_trunk(self.decoder, latents.to(self.weight.dtype))  # (R, M, K, d)
+        chunks = (-1 - torch.arange(m, device=latents.device)).view(1, m, 1).repeat(r, 1, self.patch_size)
+        need = torch.ones(r, m, dtype=torch.bool, device=latents.device)
+        for pos in range(self.patch_size):
+            row, draw = need.nonzero(as_tuple=True)
+            if len(row) == 0:
+                break
+            chunks[row, draw, pos] = self.tokens_from_hidden(decoder_tail(self.decoder, trunk[row, draw, pos]))
+            need &= _shared(chunks[..., : pos + 1])
+
+        def finish(row: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
+            out = chunks[row, draw].clone()
+            i, pos = (out < 0).nonzero(as_tuple=True)
+            if len(i):
+                out[i, pos] = self.tokens_from_hidden(decoder_tail(self.decoder, trunk[row[i], draw[i], pos]))
+            return out
+
+        return chunks, finish
+
     def _settle(self, hidden: torch.Tensor, tokens: torch.Tensor, differ: torch.Tensor, slots: torch.Tensor,
                 memory: "StreamMemory", row: torch.Tensor, pair: torch.Tensor, side: torch.Tensor,
                 pos: torch.Tensor) -> None:
@@ -340,6 +432,23 @@ class ArgmaxDecoder:
                                       found[o])
             tokens[row[o], pair[o], other[o], pos[o]] = got
             differ[row[o], pair[o], pos[o]] |= away
+
+
+def decoder_trunk(decoder, latents: torch.Tensor) -> torch.Tensor:
+    """AEDecoder.forward up to its expansion: latents (..., l) -> per-position states (..., K, d). Split from
+    `decoder_tail` so that positions can be finished one at a time (rows are processed independently, so
+    the values are those of the whole forward)."""
+    h = decoder.latent_to_hidden(latents)
+    for layer in decoder.decoder_layers[: decoder.n_first]:
+        h = layer(h)
+    return decoder.expand_layer(h).unflatten(-1, (decoder.patch_size, -1))
+
+
+def decoder_tail(decoder, h: torch.Tensor) -> torch.Tensor:
+    """The rest of AEDecoder.forward: per-position states (..., d) -> final states (..., d)."""
+    for layer in decoder.decoder_layers[decoder.n_first:]:
+        h = layer(h)
+    return decoder.norm(h)
 
 
 def _prepack(matrix: torch.Tensor) -> torch.Tensor | None:
@@ -359,6 +468,20 @@ def _prepack(matrix: torch.Tensor) -> torch.Tensor | None:
         return packed
     except (AttributeError, RuntimeError, TypeError):  # absent, refused or with another signature elsewhere
         return None
+
+
+def _shared(prefixes: torch.Tensor) -> torch.Tensor:
+    """Prefixes (R, M, j) -> (R, M) bool: another of the row's M prefixes is the same (sort, compare
+    neighbours)."""
+    r, m, j = prefixes.shape
+    order = torch.arange(m, device=prefixes.device).expand(r, m)
+    for col in reversed(range(j)):  # lexicographic: stable sorts, least significant column first
+        order = order.gather(1, prefixes[..., col].gather(1, order).argsort(dim=1, stable=True))
+    ranked = prefixes.gather(1, order[..., None].expand(-1, -1, j))
+    same = (ranked[:, 1:] == ranked[:, :-1]).all(-1)
+    pad = same.new_zeros(r, 1)
+    dup = torch.cat([pad, same], 1) | torch.cat([same, pad], 1)
+    return torch.empty_like(dup).scatter_(1, order, dup)
 
 
 def _compare(tokens: torch.Tensor, differ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

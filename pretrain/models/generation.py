@@ -12,6 +12,10 @@ first sampled chunk*: draws that do not begin with them are rejected, which samp
 distribution conditioned on the prompt exactly; the first chunk fed back therefore starts with the
 prompt's own tokens and no padding token ever enters the context. (If the cap is hit without a
 matching draw, the leftover tokens overwrite the start of the fallback chunk.)
+
+Models fine-tuned on prompt/response data (data_prep/finetune.py) saw every prompt left-padded with
+the pad token to a multiple of K; `prompt_alignment="left_pad"` aligns prompts the same way
+(`left_pad`) before the rule above, which then finds no leftover tokens.
 """
 
 from __future__ import annotations
@@ -48,6 +52,29 @@ class GenerationOutput:
     """Head + decoder calls (each one batched over the rows still sampling)."""
     projected: int = 0
     """Chunk positions decoded through the full-vocabulary projection (the rest were certified cheaply)."""
+
+
+PROMPT_ALIGNMENTS = ("constrain", "left_pad")
+
+
+def left_pad(ids: list[int], k: int, pad: int) -> list[int]:
+    """The prompt alignment of fine-tuning data: `pad` on the left up to a multiple of `k` tokens.
+
+    A copy of `data_prep.finetune.left_pad` (this file travels with exported models and may import
+    nothing of the repository); tests/data_prep/test_finetune.py checks that the two agree."""
+    return [pad] * (-len(ids) % k) + list(ids)
+
+
+def align_prompts(prompts: list[list[int]], alignment: str, k: int, pad: int, eos: int | None = None) -> list[list[int]]:
+    """`prompts` as the model reads them under `alignment` (one of PROMPT_ALIGNMENTS). "left_pad" also
+    puts the EOS that fine-tuning blocks carry before every prompt (the document separator) in front
+    of a prompt that does not begin with it, so a plain-text prompt is read exactly as in training."""
+    if alignment not in PROMPT_ALIGNMENTS:
+        raise ValueError(f"prompt_alignment must be one of {PROMPT_ALIGNMENTS}, got {alignment!r}")
+    if alignment != "left_pad":
+        return prompts
+    starts = [p if eos is None or p[:1] == [eos] else [eos, *p] for p in prompts]
+    return [left_pad(p, k, pad) for p in starts]
 
 
 def special_ids(model, eos_token_id: int | None, pad_token_id: int | None) -> tuple[int | None, int]:
@@ -137,11 +164,15 @@ class _ChunkSampler:
             latents = model.sample_latents(h_act[rows], num_samples=2 * pairs, generator=gen).transpose(0, 1)
             return decoder.decode_pairs(latents, memory, active[rows])
 
+        def distinct_fn(rows: torch.Tensor, num: int):
+            latents = model.sample_latents(h_act[rows], num_samples=num, generator=gen).transpose(0, 1)
+            return decoder.decode_distinct(latents, memory, active[rows])
+
         kwargs = dict(generator=gen, device=self.device, prefix=prefix, prefix_len=prefix_len)
         if self.sampler == "exact":
             return exact_sample(sample_fn, len(active), self.temperature, max_draws=self.max_draws,
                                 first_round=self.first_round, pair_fn=pair_fn if decoder is not None else None,
-                                **kwargs)
+                                distinct_fn=distinct_fn if decoder is not None else None, **kwargs)
         return batch_sample(sample_fn, len(active), self.temperature, num_candidates=self.num_candidates, **kwargs)
 
 
@@ -207,7 +238,8 @@ def _padded(generated: list[list[int]], max_new_tokens: int, pad: int) -> tuple[
 def calm_generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                   sampler: str = "exact", eos_token_id: int | None = None, pad_token_id: int | None = None,
                   seed: int = 0, num_candidates: int = 200, max_draws: int = 1000, first_round: int | None = None,
-                  screened_decode: bool = True, on_tokens: TokenCallback | None = None) -> GenerationOutput:
+                  screened_decode: bool = True, on_tokens: TokenCallback | None = None,
+                  prompt_alignment: str = "constrain") -> GenerationOutput:
     """Sample up to `max_new_tokens` tokens after each prompt (lists of ids, any lengths) from a CALM.
 
     Each backbone step reads one chunk vector (KV cache: transformers DynamicCache) and yields K
@@ -216,10 +248,13 @@ def calm_generate(model, prompts: list[list[int]], max_new_tokens: int, temperat
     draws, approximate). Prompt remainders shorter than K: see the module docstring.
 
     EOS: a row stops at its first EOS; later positions hold `pad_token_id`. `on_tokens` receives, after
-    every step, each row's newly generated tokens (empty for finished rows).
+    every step, each row's newly generated tokens (empty for finished rows). `prompt_alignment=
+    "left_pad"`: prompts are first left-padded with `pad_token_id` to a multiple of K, as fine-tuning
+    data is (module docstring).
     """
     _check_calm_args(prompts, max_new_tokens, temperature, sampler)
     eos, pad = special_ids(model, eos_token_id, pad_token_id)
+    prompts = align_prompts(prompts, prompt_alignment, model.patch_size, pad, eos)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     decoder = ArgmaxDecoder(model) if screened_decode else None

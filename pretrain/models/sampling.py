@@ -36,8 +36,16 @@ from dataclasses import dataclass
 
 import torch
 
+ROUND = 64
+"""Most draws per call of `exact_sample`'s state machine (it consumes a round's draws one by one)."""
+PAIR_ROUND = 256
+"""Most draws per call at T = 1/2, where a round is settled by vectorised pair comparisons. Not more:
+a capped row decodes its whole last round for the fallback (about 236 draws at the default cap of
+1000, more than the authors' N = 200), and a larger one costs more than the calls it saves."""
+
 SampleFn = Callable[[torch.Tensor, int], torch.Tensor]
 PairFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+DistinctFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]
 
 
 @dataclass
@@ -172,11 +180,12 @@ def first_equal_pair(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _pair_sample(sample_fn: SampleFn, pair_fn: PairFn, batch_size: int, max_draws: int,
                  generator: torch.Generator | None, first_round: int | None, max_round: int,
-                 device: torch.device | str) -> SampleResult:
+                 device: torch.device | str, distinct_fn: DistinctFn | None = None) -> SampleResult:
     """`exact_sample` at T = 1/2: rounds of draw pairs (two, then doubling), each row accepting its
     first equal pair.
-    A round in which a row would reach `max_draws` decodes every draw (`sample_fn`): capped rows take
-    `batch_select` over that round."""
+    A round in which a row would reach `max_draws` decodes every draw (`sample_fn`), or as much of each
+    as duplicate counts need (`distinct_fn`: chunks whose undecoded tail is unique to the draw, and a
+    function finishing chosen ones): capped rows take `batch_select` over that round."""
     # Two pairs by default: a call's fixed costs (head, decoder, a screening pass over the vocabulary)
     # outweigh a second pair's, and one pair alone is accepted only with probability Σ P(x)².
     pairs = max(1, (first_round or 4) // 2)
@@ -191,7 +200,8 @@ def _pair_sample(sample_fn: SampleFn, pair_fn: PairFn, batch_size: int, max_draw
         num = max(1, min(pairs, room))
         last = num >= room
         if last:
-            chunks = sample_fn(rows, 2 * num)
+            chunks, finish = (distinct_fn(rows, 2 * num) if distinct_fn is not None
+                              else (sample_fn(rows, 2 * num), None))
             first, chunk = first_equal_pair(chunks.unflatten(1, (num, 2)))
         else:
             first, chunk = pair_fn(rows, num)
@@ -207,7 +217,7 @@ def _pair_sample(sample_fn: SampleFn, pair_fn: PairFn, batch_size: int, max_draw
         if hit.any():
             r = rows[hit]
             index, _ = batch_select(chunks[hit], 0.5, generator=generator)
-            tokens[r] = _gather(chunks[hit], index)
+            tokens[r] = finish(hit.nonzero().squeeze(1), index) if finish else _gather(chunks[hit], index)
             capped[r] = done[r] = True
         pairs = min(2 * pairs, max(1, max_round // 2))
     return SampleResult(tokens=tokens, draws=draws, calls=calls, capped=capped,
@@ -295,26 +305,32 @@ def exact_sample(
     prefix: torch.Tensor | None = None,
     prefix_len: torch.Tensor | None = None,
     first_round: int | None = None,
-    max_round: int = 64,
+    max_round: int | None = None,
     device: torch.device | str = "cpu",
     pair_fn: PairFn | None = None,
+    distinct_fn: DistinctFn | None = None,
 ) -> SampleResult:
     """Exact temperature sampling, one chunk per row, at most `max_draws` model draws per row.
 
     Draws come in rounds: each call asks `sample_fn` for m chunks per unfinished row (m starts at
     `first_round`, by default the minimum an acceptance needs, n, +1 when α > 0; always 1 at T = 1
-    without a prefix; then doubling up to `max_round`), and the
+    without a prefix; then doubling up to `max_round`, by default 64, or 256 at T = 1/2, whose rounds
+    are compared vectorised: large rounds there amortise each call's fixed cost over many draws, and
+    doubling wastes at most about as many draws as it uses), and the
     per-row state machine consumes them in order, so batching draws changes cost, not the
     distribution (draws after a row's acceptance are discarded unseen). Rows reaching `max_draws`
     are `capped` and take `batch_select` over their last round instead. At T = 1/2 without a prefix
-    the rounds are of pairs, answered by `pair_fn` (module docstring).
+    the rounds are of pairs, answered by `pair_fn` (module docstring), and the last round by
+    `distinct_fn` where given (`_pair_sample`).
     """
     n, alpha = split_temperature(temperature)
     if n == 2 and alpha == 0 and prefix is None and max_draws >= 2:
         if pair_fn is None:
             def pair_fn(rows: torch.Tensor, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
                 return first_equal_pair(sample_fn(rows, 2 * pairs).unflatten(1, (pairs, 2)))
-        return _pair_sample(sample_fn, pair_fn, batch_size, max_draws, generator, first_round, max_round, device)
+        return _pair_sample(sample_fn, pair_fn, batch_size, max_draws, generator, first_round,
+                            max_round or PAIR_ROUND, device, distinct_fn)
+    max_round = max_round or ROUND
     m = first_round or (n + (1 if alpha > 0 else 0))
     if n == 1 and alpha == 0 and prefix is None:
         m = 1  # T = 1: the first draw is always accepted

@@ -251,7 +251,12 @@ def test_draws_certified_against_references_match_float32_decoding():
     assert screened_only.projected == rows * draws * K
 
 
-def test_generation_is_the_same_with_and_without_certified_decoding():
+@pytest.mark.parametrize("direct_vocab", [0, None])
+def test_generation_is_the_same_with_and_without_certified_decoding(monkeypatch, direct_vocab):
+    from pretrain.models.argmax_decode import ArgmaxDecoder
+
+    if direct_vocab is not None:  # V = 64 is decoded directly by default; 0 forces the certified path
+        monkeypatch.setattr(ArgmaxDecoder, "DIRECT_VOCAB", direct_vocab)
     model = tiny_calm(seed=3)
     # 4 rows x K x 15 later draws per call reach ArgmaxDecoder's min_certifiable: references are used
     prompts = [[EOS, 5, 6, 7, 8, 9], [EOS, 11, 12, 13], [EOS, 20], [EOS, 30, 31, 32, 33]]

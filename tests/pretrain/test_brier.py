@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from pretrain.brier.brier_stats import BrierAccumulator, brierlm
 from pretrain.brier.brierlm import baseline_brier_batched, baseline_brier_reference, sample_inverse_cdf
 from pretrain.brier.calm_brier import calm_brier_block
+from pretrain.models.argmax_decode import ArgmaxDecoder
 
 VOCAB = 6
 
@@ -241,3 +242,40 @@ def test_calm_estimates_are_identical_with_the_certified_decoder():
     out = [calm_brier(CALMSampler(calm, torch.Generator().manual_seed(9), screened_decode=s), ids).estimates
            for s in (False, True)]
     assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("direct_vocab", [0, None])
+def test_calm_estimates_are_identical_when_only_needed_tokens_are_decoded(direct_vocab):
+    """With K >= 4 the certified path decodes a sample's later positions only while its prefix equals the
+    truth's or the other sample's: a head that repeats a few latents (so collisions and hits are common,
+    and prefixes part at every position) must still give the reference decode's estimates."""
+    from pretrain.brier.calm_brier import CALMSampler, calm_brier
+    from pretrain.stages import build_model
+
+    torch.manual_seed(1)
+    ae = dict(vocab_size=300, hidden_size=32, intermediate_size=64, latent_size=16, patch_size=4)
+    calm = build_model("calm", dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=2, latent_size=16, patch_size=4,
+                                    num_mlp_layers=1, ae_config=ae)).eval()
+    # latents along a segment: neighbouring ones decode to chunks that share some positions and not others
+    ends = torch.randn(2, 16) * 3
+    line = ends[0] + torch.linspace(0, 1, 400)[:, None] * (ends[1] - ends[0])
+    chunks = calm.decode_latents(line[:, None, :])
+    change = torch.cat([torch.tensor([True]), (chunks[1:] != chunks[:-1]).any(-1)])
+    codes = line[change][:6]
+    real = calm.sample_latents
+
+    def sample_latents(hidden, num_samples=1, generator=None):
+        z = real(hidden, num_samples=num_samples, generator=generator)
+        pick = torch.randint(0, len(codes), z.shape[:-1], generator=generator)
+        return codes[pick]
+
+    calm.sample_latents = sample_latents
+    pick = torch.randint(0, len(codes), (2, 40), generator=torch.Generator().manual_seed(2))
+    ids = calm.decode_latents(codes[pick][..., None, :]).view(2, 160)  # the head's chunks: samples hit the truth
+    sampler = lambda s: CALMSampler(calm, torch.Generator().manual_seed(9), screened_decode=s)
+    fast = sampler(True)
+    fast.decoder = ArgmaxDecoder(calm, direct_vocab=direct_vocab)
+    out = [calm_brier(s, ids).estimates for s in (sampler(False), fast)]
+    assert torch.equal(out[0], out[1])
+    assert bool((out[0][:, 3] != 0).any()) and bool((out[0][:, 0] != out[0][:, 3]).any())

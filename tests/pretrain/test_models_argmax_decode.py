@@ -43,7 +43,7 @@ def test_near_tied_screens_match_float32_decoding():
     with torch.no_grad():  # pairs of near-duplicate tokens: ties at every scale down to float32 rounding
         emb = model.ae_model.encoder.embed_tokens.weight
         emb[V // 2:] = emb[: V // 2] * (1 + torch.logspace(-9, -3, V // 2)[:, None])
-    decoder = ArgmaxDecoder(model, shortlist=2)
+    decoder = ArgmaxDecoder(model, shortlist=2, direct_vocab=0)
     latents = torch.randn(256, 2, 8) * 3
     assert torch.equal(decoder(latents), model.decode_latents(latents))
     assert decoder.fallbacks > decoder.full_projections > 0  # both the contest and the full projection ran
@@ -56,3 +56,58 @@ def test_prepacked_screen_equals_plain_bf16_product():
     for m in (1, 7, 40):
         h = torch.randn(m, D).to(torch.bfloat16)
         assert torch.equal(decoder._bf16_logits(h), h @ decoder.low.T)
+
+
+def test_small_vocabularies_decode_directly_and_pairs_position_by_position():
+    from pretrain.models.argmax_decode import StreamMemory
+    from pretrain.models.sampling import first_equal_pair
+
+    model = tiny_model(seed=2)
+    decoder = ArgmaxDecoder(model)  # V = 300: below DIRECT_VOCAB
+    assert decoder.direct and decoder.split
+    # pairs: identical, nearly identical and unrelated draws, so pairs end at every position or never
+    rows, pairs = 6, 40
+    base = torch.randn(rows, pairs, 8) * 3
+    scale = torch.tensor([0.0, 1e-3, 0.3] + [3.0] * 17)[torch.randint(0, 20, (rows, pairs))]
+    latents = torch.stack([base, base + scale[..., None] * torch.randn(rows, pairs, 8)], 2).view(rows, 2 * pairs, 8)
+    decoded = model.decode_latents(latents).view(rows, 2 * pairs, K)
+    assert torch.equal(decoder.decode_draws(latents), decoded)
+    want = first_equal_pair(decoded.view(rows, pairs, 2, K))
+    got = decoder.decode_pairs(latents, StreamMemory(decoder, rows), torch.arange(rows))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(set(want[0].tolist())) > 2
+
+
+def test_sliced_screen_equals_one_pass():
+    model = tiny_model(seed=3)
+    whole, sliced = ArgmaxDecoder(model, direct_vocab=0), ArgmaxDecoder(model, direct_vocab=0)
+    whole.screen_rows, sliced.screen_rows = 10 ** 6, 7
+    h = torch.randn(50, D) * 3
+    for a, b in zip(whole._screen(h), sliced._screen(h)):
+        assert torch.equal(a, b)
+    assert torch.equal(sliced.tokens_from_hidden(h), (h @ model.ae_model.encoder.embed_tokens.weight.T).argmax(1))
+
+
+def test_distinct_decoding_keeps_duplicate_counts_and_finishes_chosen_draws():
+    from pretrain.models.sampling import duplicate_counts, first_equal_pair
+
+    model = tiny_model(seed=4)
+    decoder = ArgmaxDecoder(model)
+    # few centres with exact repeats and near neighbours: duplicates, shared prefixes, unique draws
+    rows, draws = 5, 60
+    centres = torch.randn(rows, 4, 8) * 3
+    pick = torch.randint(0, 4, (rows, draws))
+    scale = torch.tensor([0.0, 0.0, 0.05, 3.0])[torch.randint(0, 4, (rows, draws))]
+    latents = centres.gather(1, pick[..., None].expand(-1, -1, 8)) + scale[..., None] * torch.randn(rows, draws, 8)
+    full = model.decode_latents(latents).view(rows, draws, K)
+    for dec in (decoder, ArgmaxDecoder(model, direct_vocab=0)):
+        chunks, finish = dec.decode_distinct(latents)
+        valid = torch.ones(rows, draws, dtype=torch.bool)
+        assert torch.equal(duplicate_counts(chunks, valid), duplicate_counts(full, valid))
+        pairs = [first_equal_pair(c.view(rows, -1, 2, K)) for c in (chunks, full)]
+        assert all(torch.equal(got, want) for got, want in zip(*pairs))
+        row, draw = torch.arange(rows).repeat_interleave(draws), torch.arange(draws).repeat(rows)
+        assert torch.equal(finish(row, draw), full[row, draw])
+    assert (chunks >= 0).all()  # the certified decoder decodes everything
+    chunks, _ = decoder.decode_distinct(latents)
+    assert (chunks < 0).any() and (chunks[:, :, 1:] >= 0).any()  # some tails skipped, some prefixes followed

@@ -69,6 +69,32 @@ def test_exact_sampler_matches_tempered_distribution(temperature):
     assert result.draws.min() >= split_temperature(temperature)[0]
 
 
+def test_exact_sampler_at_half_is_exact_with_large_rounds():
+    """A flat distribution (Σ p² ≈ 0.02) needs ~50 pairs per chunk, so rounds grow to `PAIR_ROUND`
+    draws: batching them must not change the distribution (P² / Σ P²; the 2000 light chunks lumped)."""
+    from pretrain.models.sampling import PAIR_ROUND
+
+    rows, light = 6000, 2000
+    probs = torch.cat([0.3 * P, torch.full((light,), 0.7 / light, dtype=torch.float64)])
+    gen = torch.Generator().manual_seed(7)
+    calls = []
+
+    def sample_fn(rows_, num):
+        calls.append(num)
+        idx = torch.multinomial(probs.float(), len(rows_) * num, replacement=True, generator=gen)
+        return torch.stack([idx // 100, idx % 100, idx % 7], -1).view(len(rows_), num, 3)
+
+    result = exact_sample(sample_fn, rows, 0.5, max_draws=100_000, generator=gen)
+    assert not result.capped.any() and max(calls) == PAIR_ROUND
+    index = result.tokens[:, 0] * 100 + result.tokens[:, 1]
+    counts = np.bincount(index.clamp(max=len(P)).numpy(), minlength=len(P) + 1)
+    q = probs ** 2
+    target = torch.cat([q[: len(P)], q[len(P):].sum()[None]]) / q.sum()
+    assert chisquare(counts, target.numpy() * rows).pvalue > 1e-3
+    untempered = torch.cat([probs[: len(P)], probs[len(P):].sum()[None]])
+    assert chisquare(counts, untempered.numpy() * rows).pvalue < 1e-6  # the test has power
+
+
 def test_exact_sampler_cap_is_reported():
     gen = torch.Generator().manual_seed(0)
 
@@ -144,3 +170,29 @@ def test_batch_select_invalid_candidates_are_never_chosen():
     valid = torch.tensor([[False, False, False, True]]).repeat(500, 1)
     index, _ = batch_select(chunks, 0.5, valid, generator=torch.Generator().manual_seed(0))
     assert (index == 3).all()
+
+
+def test_capped_rows_choose_the_same_with_partially_decoded_draws():
+    """`distinct_fn` (duplicate counts without decoding unshared tails) changes no capped choice."""
+    from pretrain.models.sampling import duplicate_counts
+
+    def run(partial):
+        gen = torch.Generator().manual_seed(3)
+
+        def sample_fn(rows, num):  # 400 chunks sharing prefixes: pairs rarely equal, duplicates common
+            idx = torch.randint(0, 400, (len(rows), num), generator=gen)
+            return torch.stack([idx // 100, idx // 10 % 10, idx % 10], -1)
+
+        def distinct_fn(rows, num):
+            full = sample_fn(rows, num)
+            shared = duplicate_counts(full[..., :1], torch.ones(full.shape[:2], dtype=torch.bool)) > 1
+            unique = -1 - torch.arange(num).view(1, num, 1).expand_as(full)
+            tail = torch.where(shared[..., None], full, unique)  # unshared first token: tail left undecoded
+            return torch.cat([full[..., :1], tail[..., 1:]], -1), lambda row, draw: full[row, draw]
+
+        return exact_sample(sample_fn, 12, 0.5, max_draws=60, generator=gen,
+                            distinct_fn=distinct_fn if partial else None)
+
+    plain, partial = run(False), run(True)
+    assert plain.capped.any() and torch.equal(plain.capped, partial.capped)
+    assert torch.equal(plain.tokens, partial.tokens)
