@@ -120,8 +120,9 @@ export_common_env() {
 # top-level comma, taking the first number of each range with its zero padding.
 first_slurm_host() {
   local list="$1" rest host="" range
-  if command -v scontrol >/dev/null 2>&1 && host="$(scontrol show hostnames "$list" 2>/dev/null | head -n 1)" \
-      && [[ -n "$host" ]]; then
+  # (timeout: without a slurm.conf scontrol retries for a minute before it gives up)
+  if command -v scontrol >/dev/null 2>&1 \
+      && host="$(timeout 10 scontrol show hostnames "$list" 2>/dev/null | head -n 1)" && [[ -n "$host" ]]; then
     echo "$host"
     return
   fi
@@ -165,12 +166,12 @@ launch() {
       exec "$PY" -m deepspeed.launcher.runner --num_gpus "$nproc" "${args[@]}" --module "$module" "$@" ;;
     slurm)
       [[ -n "${SLURM_JOB_ID:-}" ]] || die "LAUNCHER=slurm must run inside a SLURM allocation (sbatch/salloc)"
-      command -v srun >/dev/null 2>&1 || die "LAUNCHER=slurm needs srun on PATH"
       local head nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-}}"
       [[ -n "$nodes" ]] || die "neither SLURM_JOB_NUM_NODES nor SLURM_NNODES is set in this allocation"
       head="$(first_slurm_host "${SLURM_JOB_NODELIST:-}")"
       export MASTER_ADDR="$head" MASTER_PORT="$port"
       log "SLURM job $SLURM_JOB_ID: $nodes node(s) x $nproc process(es), rendezvous at $head:$port"
+      command -v srun >/dev/null 2>&1 || die "LAUNCHER=slurm needs srun on PATH"
       # srun starts one torchrun per node; each reads its node rank from SLURM_NODEID.
       exec srun --nodes "$nodes" --ntasks-per-node 1 --export=ALL bash -c \
         "exec '$PY' -m torch.distributed.run --nnodes '$nodes' --node_rank \"\$SLURM_NODEID\" \

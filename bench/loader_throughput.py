@@ -1,5 +1,5 @@
 """Samples/s of the training loader: local shards, shards via a local HTTP server (cold and warm cache),
-and a two-source weighted mixture.
+and a two-source weighted mixture (its HTTP source from an empty cache and from a filled one).
 
 The data is the tests' tiny set made larger (`--max-docs` of the built-in corpus, block 512); each
 case reads `--batches` batches of `--batch` samples through `ShardLoader` / `MixtureLoader` in one
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         results["http, cold cache"] = _rate(lambda: ShardLoader(f"{url}/data", "train", b, seed=1), n, b, r, cold)
         results["http, warm cache"] = _rate(lambda: ShardLoader(f"{url}/data", "train", b, seed=1), n, b, r)
         mix = [(str(data), 0.7), (f"{url}/data", 0.3)]
+        results["mixture local 0.7 + http 0.3 (cold)"] = _rate(lambda: MixtureLoader(mix, "train", b, seed=1), n, b, r,
+                                                               cold)
         results["mixture local 0.7 + http 0.3 (warm)"] = _rate(lambda: MixtureLoader(mix, "train", b, seed=1), n, b, r)
     for name, rate in results.items():
         print(f"{name:40s} {rate:10.0f} samples/s  ({rate / results['local']:.2f}x local)")

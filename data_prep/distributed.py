@@ -37,7 +37,8 @@ from pathlib import Path
 from datatrove.pipeline.base import PipelineStep
 
 from data_prep import pipeline, shards, sources
-from data_prep.remote import _atomic_get, _filesystem, cache_root, is_url
+from data_prep.manifest import ManifestError
+from data_prep.remote import RemoteError, _atomic_get, _filesystem, cache_root, is_url
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -166,8 +167,16 @@ def merge(job: dict) -> dict:
                                "command": job["command"]}
         write_manifest(Path(tmp), manifest)
         _put(fs, root, Path(tmp) / "manifest.json", "manifest.json")
+    cfg.output = _Where(job["output"])  # the summary names the real manifest, not the staging copy
     pipeline._print_summary(cfg, manifest)
     return manifest
+
+
+class _Where(str):
+    """An output directory or URL that `/ name` joins like a Path, keeping a URL's `//`."""
+
+    def __truediv__(self, name: str) -> str:
+        return f"{self.rstrip('/')}/{name}"
 
 
 def _datatrove_version() -> str:
@@ -210,6 +219,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if args.tasks < 1:
         parser.error("--tasks must be >= 1")
     return args, prep_args
+
+
+def _inputs(prep_args: list[str]) -> list[str]:
+    """The --input values among data_prep's options (checked by its parser here, before anything runs)."""
+    from data_prep.__main__ import parse_args as prep_parse_args
+
+    return list(prep_parse_args([*prep_args, "--output", "unused"]).inputs)
 
 
 def _check_rerun(args, job: dict) -> None:
@@ -261,16 +277,24 @@ def _wait_slurm(tasks_exec, merge_exec, output: str) -> dict:
     _wait_job(merge_exec.job_id)
     fs, root = _filesystem(output)
     if not fs.exists(f"{root}/manifest.json"):
-        raise sources.DataError(f"the SLURM jobs {tasks_exec.job_id}, {merge_exec.job_id} ended without writing {output}/manifest.json; see "
-                                f"{output}/.parts/datatrove/*/logs")
+        raise sources.DataError(f"the SLURM jobs {tasks_exec.job_id}, {merge_exec.job_id} ended without writing "
+                                f"{output}/manifest.json; see {output}/.parts/datatrove/*/logs")
     return _get_json(fs, root, "manifest.json")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(argv)
+    except (sources.DataError, ManifestError, RemoteError) as exc:  # bad input or output: one line, no traceback
+        print(f"[data_prep] error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     args, prep_args = parse_args(argv)
     job = {"prep_args": prep_args, "output": args.output.rstrip("/"), "tasks": args.tasks,
-           "executor": args.executor, "inputs": [a for a in prep_args if not a.startswith("-")],
+           "executor": args.executor, "inputs": _inputs(prep_args),
            "command": " ".join(["python", "-m", "data_prep.distributed", *argv])}
     _check_rerun(args, job)
     job = prepare(job)

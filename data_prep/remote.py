@@ -22,15 +22,23 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from data_prep.manifest import ManifestError
 from data_prep.sources import sha256_file
 
 SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://", "hf://", "memory://", "file://")
+# fsspec backends that are not in requirements.txt: pinned in requirements-cloud.txt (to fsspec's pin)
+BACKENDS = {"s3://": "s3fs==2026.9.0", "gs://": "gcsfs==2026.10.1", "gcs://": "gcsfs==2026.10.1"}
 _MIRRORS: dict[str, Path] = {}  # URL -> its local mirror, set up once per process
 _LOCK = threading.Lock()
 
 
 class RemoteError(RuntimeError):
     """A remote shard or directory cannot be fetched or fails verification; the message names it."""
+
+
+class MissingBackend(RemoteError, ManifestError):
+    """A URL whose fsspec backend is not installed. A ManifestError too, so every command that reports a
+    bad data directory in one line (training, evaluation, data_prep) reports this one the same way."""
 
 
 def is_url(path) -> bool:
@@ -44,7 +52,14 @@ def cache_root() -> Path:
 def _filesystem(url: str):
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except ImportError as exc:  # fsspec's own text names the package but not the version that fits its pin
+        pin = next((pkg for scheme, pkg in BACKENDS.items() if url.startswith(scheme)), None)
+        if pin is None:
+            raise
+        raise MissingBackend(f"{url}: reading {url.split('://')[0]}:// needs {pin.split('==')[0]}, which is not "
+                             f"installed: pip install {pin} (pinned in requirements-cloud.txt)") from exc
     return fs, root.rstrip("/")
 
 

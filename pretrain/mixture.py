@@ -10,7 +10,12 @@ takes the next `batch_size * world_size` slots and rank r reads the r-th slice.
 
 The state is (position in the mixture stream, samples drawn from each source): every rank holds the
 same one, and a restored loader continues with exactly the samples an uninterrupted run would read
-(at another world size, at the same sample). Sources must share the tokenizer, block length and dtype.
+(at another world size, at the same sample). Sources must share the tokenizer, block length, dtype
+and kind (pretraining or loss-masked fine-tuning shards).
+
+Remote sources (URLs) are prefetched as a single remote `ShardLoader` prefetches: before each batch
+the shards this rank reads in it and in the next `CALM_DATA_PREFETCH` batches are queued on each
+source's `ShardCache`, in reading order (the source's current epoch only).
 """
 
 from __future__ import annotations
@@ -57,7 +62,9 @@ def check_same_format(loaders: list[ShardLoader], paths: list[str]) -> None:
     for loader, path in zip(loaders[1:], paths[1:]):
         m = loader.manifest
         for what, mine, theirs in (("tokenizer (sha256)", m["tokenizer"]["sha256"], first["tokenizer"]["sha256"]),
-                                   ("block_len", m["block_len"], first["block_len"]), ("dtype", m["dtype"], first["dtype"])):
+                                   ("block_len", m["block_len"], first["block_len"]),
+                                   ("dtype", m["dtype"], first["dtype"]),
+                                   ("loss_mask", m.get("loss_mask", False), first.get("loss_mask", False))):
             if mine != theirs:
                 raise ManifestError(f"data.sources: {path} has {what} {mine!r} but {paths[0]} has {theirs!r}; all "
                                     "sources of a mixture must be prepared with the same tokenizer and --block-len")
@@ -80,7 +87,7 @@ class MixtureLoader:
         self.split, self.batch_size, self.rank, self.world_size, self.seed = split, batch_size, rank, world_size, seed
         self.shuffle = shuffle
         self.position, self.drawn = 0, np.zeros(len(sources), dtype=np.int64)
-        self._round_cache: tuple[int, np.ndarray] | None = None
+        self._rounds: dict[int, np.ndarray] = {}  # a few recent rounds (reading and prefetching straddle two)
 
     @property
     def manifest(self) -> dict:
@@ -96,7 +103,7 @@ class MixtureLoader:
 
     def _round(self, r: int) -> np.ndarray:
         """Source ids of the ROUND slots of round r."""
-        if self._round_cache is None or self._round_cache[0] != r:
+        if r not in self._rounds:
             rng = np.random.Generator(np.random.PCG64([self.seed, r, 0x6D6978]))  # "mix"
             exact = self.weights * ROUND
             counts = np.floor(exact).astype(np.int64)
@@ -105,14 +112,26 @@ class MixtureLoader:
                 frac = exact - counts
                 counts[rng.choice(len(counts), size=left, replace=False, p=frac / frac.sum())] += 1
             slots = np.repeat(np.arange(len(counts)), counts)
-            self._round_cache = (r, rng.permutation(slots) if self.shuffle else slots)
-        return self._round_cache[1]
+            if len(self._rounds) >= 4:
+                del self._rounds[min(self._rounds)]
+            self._rounds[r] = rng.permutation(slots) if self.shuffle else slots
+        return self._rounds[r]
 
     def _slots(self, start: int, n: int) -> np.ndarray:
         """Source ids of mixture positions start..start+n-1."""
+        pos = np.arange(start, start + n)
         out = np.empty(n, dtype=np.int64)
-        for i, pos in enumerate(range(start, start + n)):
-            out[i] = self._round(pos // ROUND)[pos % ROUND]
+        for r in range(start // ROUND, (start + n - 1) // ROUND + 1):
+            mine = pos // ROUND == r
+            out[mine] = self._round(r)[pos[mine] % ROUND]
+        return out
+
+    def _stream_positions(self, slots: np.ndarray) -> np.ndarray:
+        """Each slot's position in its source's stream, for slots starting at `self.position`."""
+        out = np.empty_like(slots)
+        for k in range(len(self.sources)):
+            mine = slots == k
+            out[mine] = self.drawn[k] + np.arange(int(mine.sum()))
         return out
 
     def __iter__(self):
@@ -121,25 +140,55 @@ class MixtureLoader:
 
     def next_batch(self) -> torch.Tensor:
         """This rank's slice of the next global batch; the state advances by the whole global batch."""
-        slots = self._slots(self.position, self.global_batch)
-        # Each slot's position in its source's stream: drawn so far + earlier slots of that source.
-        stream_pos = np.empty_like(slots)
-        for k in range(len(self.sources)):
-            mine = slots == k
-            stream_pos[mine] = self.drawn[k] + np.arange(int(mine.sum()))
+        ahead = max((s._remote.ahead for s in self.sources if s._remote is not None), default=0)
+        # Slots of this batch and, for remote sources, of the `ahead` batches after it; each slot's
+        # position in its source's stream is drawn so far + earlier slots of that source.
+        slots = self._slots(self.position, self.global_batch * (1 + ahead))
+        stream_pos = self._stream_positions(slots)
+        mine = (np.arange(len(slots)) % self.global_batch) // self.batch_size == self.rank  # this rank's slices
+        if ahead:
+            self._prefetch(slots[mine], stream_pos[mine])
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         batch = self._read(slots[lo:hi], stream_pos[lo:hi])
         self.position += self.global_batch
-        self.drawn += np.bincount(slots, minlength=len(self.sources))
+        self.drawn += np.bincount(slots[: self.global_batch], minlength=len(self.sources))
         return batch
 
-    def _read(self, slots: np.ndarray, stream_pos: np.ndarray) -> torch.Tensor:
-        out = torch.empty((len(slots), self.block_len), dtype=torch.long)
-        for k in np.unique(slots).tolist():
-            src, rows = self.sources[k], np.flatnonzero(slots == k)
-            epochs, offsets = np.divmod(stream_pos[rows], src.num_samples)
-            index = np.array([src._order(int(e))[int(o)] for e, o in zip(epochs, offsets)], dtype=np.int64)
-            out[torch.from_numpy(rows)] = src._gather(index)
+    def _indices(self, k: int, stream_pos: np.ndarray) -> np.ndarray:
+        """Sample indices in source k of the given positions in its stream (epoch after epoch)."""
+        src = self.sources[k]
+        epochs, offsets = np.divmod(stream_pos, src.num_samples)
+        index = np.empty_like(offsets)
+        for e in np.unique(epochs).tolist():  # positions ascend: at most two epochs per batch
+            index[epochs == e] = src._order(e)[offsets[epochs == e]]
+        return index
+
+    def _prefetch(self, slots: np.ndarray, stream_pos: np.ndarray) -> None:
+        """Queue each remote source's shards of the given slots (in reading order, its current epoch only)."""
+        for k, src in enumerate(self.sources):
+            pos = stream_pos[slots == k]
+            if src._remote is None or not len(pos):
+                continue
+            pos = pos[pos // src.num_samples == pos[0] // src.num_samples]
+            shard_ids = np.searchsorted(src._starts, self._indices(k, pos), side="right") - 1
+            src._remote.prefetch([src._entries[s] for s in dict.fromkeys(shard_ids.tolist())])
+
+    def _read(self, slots: np.ndarray, stream_pos: np.ndarray):
+        """The batch of these slots: a LongTensor, or for loss-masked sources a batch of the same kind."""
+        parts = [(np.flatnonzero(slots == k), self.sources[k]._gather(self._indices(k, stream_pos[slots == k])))
+                 for k in np.unique(slots).tolist()]
+        if isinstance(parts[0][1], torch.Tensor):
+            return self._place(parts, lambda part: part)
+        kind = type(parts[0][1])  # pretrain.data.MaskedBatch
+        return kind(self._place(parts, lambda p: p.input_ids), self._place(parts, lambda p: p.loss_mask))
+
+    @staticmethod
+    def _place(parts: list, field) -> torch.Tensor:
+        """One tensor with row `rows[i]` of each part's `field` put back in slot order."""
+        first = field(parts[0][1])
+        out = first.new_empty((sum(len(rows) for rows, _ in parts), *first.shape[1:]))
+        for rows, part in parts:
+            out[torch.from_numpy(rows)] = field(part)
         return out
 
     def proportions(self) -> dict[str, float]:

@@ -1,10 +1,14 @@
-"""A real one-node SLURM cluster on this machine for the tests: munged, slurmctld and slurmd.
+"""A real two-node SLURM cluster on this machine for the tests: munged, slurmctld and two slurmd.
 
 Debian's `slurm-wlm` and `munge` (`.ci/run` installs them). Everything lives in a temporary
-directory: a fresh munge key and socket, a minimal slurm.conf naming this host (short hostname,
-NodeAddr 127.0.0.1, this machine's CPUs), free ports, state and logs. Jobs see it through
-SLURM_CONF, which `LocalSlurm.env` sets. `LocalSlurm.start` raises `SlurmUnavailable` with the
-reason when the programs are missing or the daemons do not come up, so tests can skip with it.
+directory: a fresh munge key and socket, a minimal slurm.conf, free ports, state and logs. The two
+nodes are two slurmd on this host, each with its own port, pid file and spool (`%n` in slurm.conf is
+the node's name), so a `--nodes 2` job really gets two nodes and srun starts one task on each with
+its own SLURM_NODEID. The first node is named after this host's short hostname (the rendezvous
+host of a job must resolve), the second `HOST-n2`; both declare all of this machine's CPUs. Jobs see
+the cluster through SLURM_CONF, which `LocalSlurm.env` sets. `LocalSlurm.start` raises
+`SlurmUnavailable` with the reason when the programs are missing or the daemons do not come up, so
+tests can skip with it.
 """
 
 from __future__ import annotations
@@ -16,23 +20,22 @@ import subprocess
 import time
 from pathlib import Path
 
-PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
+PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel")
 
 CONF = """ClusterName=calmtest
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 AuthType=auth/munge
 AuthInfo=socket={root}/munge.socket
 CredType=cred/munge
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SwitchType=switch/none
@@ -45,9 +48,11 @@ JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 KillWait=5
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
+NODE = ("NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} RealMemory={memory_mb} "
+        "State=UNKNOWN")
 
 
 class SlurmUnavailable(RuntimeError):
@@ -61,11 +66,12 @@ def _free_port() -> int:
 
 
 class LocalSlurm:
-    """`with LocalSlurm(tmp) as slurm:` a running one-node cluster; `slurm.env` is a job's environment."""
+    """`with LocalSlurm(tmp) as slurm:` a running two-node cluster; `slurm.env` is a job's environment."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.host = socket.gethostname().split(".")[0]
+        self.nodes = [self.host, f"{self.host}-n2"]
         self.conf = self.root / "slurm.conf"
         self._procs: list[subprocess.Popen] = []
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -88,7 +94,11 @@ class LocalSlurm:
                                    "apt-get install slurm-wlm munge, as .ci/run does)")
         if os.geteuid() != 0:
             raise SlurmUnavailable("the test cluster runs slurmd as root (it starts job steps as the submitting user)")
-        for sub in ("state", "spool"):
+        try:
+            socket.gethostbyname(self.host)  # a job's rendezvous host: the first node, named after this host
+        except OSError as exc:
+            raise SlurmUnavailable(f"this host's name {self.host!r} does not resolve ({exc})") from exc
+        for sub in ("state", *(f"spool-{n}" for n in self.nodes)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         key = self.root / "munge.key"
         subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
@@ -98,21 +108,25 @@ class LocalSlurm:
                      f"--seed-file={self.root}/munged.seed"], "munged")
         self._wait_for(lambda: (self.root / "munge.socket").exists(), "munged", "munged.log")
         memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 * 9 // 10
-        self.conf.write_text(CONF.format(host=self.host, root=self.root, cpus=os.cpu_count(), memory_mb=memory_mb,
-                                         ctld_port=_free_port(), slurmd_port=_free_port()))
+        nodes = "\n".join(NODE.format(name=n, host=self.host, port=_free_port(), cpus=os.cpu_count(),
+                                       memory_mb=memory_mb) for n in self.nodes)
+        self.conf.write_text(CONF.format(host=self.host, root=self.root, ctld_port=_free_port(), nodes=nodes,
+                                         names=",".join(self.nodes)))
         self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)], "slurmctld")
-        self._spawn(["slurmd", "-D", "-N", self.host, "-f", str(self.conf)], "slurmd")
-        self._wait_for(self._node_idle, "slurmctld/slurmd", "slurmctld.log")
+        for name in self.nodes:
+            self._spawn(["slurmd", "-D", "-N", name, "-f", str(self.conf)], f"slurmd-{name}")
+        self._wait_for(self._nodes_idle, "slurmctld/slurmd", "slurmctld.log")
 
     def _spawn(self, argv: list[str], name: str) -> None:
         log = open(self.root / f"{name}.out", "wb")
         self._procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True))
 
-    def _node_idle(self) -> bool:
+    def _nodes_idle(self) -> bool:
         proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env, capture_output=True, text=True,
                               timeout=10)
-        return proc.returncode == 0 and proc.stdout.strip() in ("idle", "mix", "alloc")
+        states = proc.stdout.split()
+        return proc.returncode == 0 and len(states) == len(self.nodes) and set(states) <= {"idle", "mix", "alloc"}
 
     def _wait_for(self, ready, what: str, log: str, seconds: float = 30) -> None:
         deadline = time.monotonic() + seconds
@@ -126,16 +140,25 @@ class LocalSlurm:
                        if (self.root / f).is_file())
         raise SlurmUnavailable(f"{what} did not come up within {seconds:.0f} s:\n{tail}")
 
-    def sbatch(self, script: str, workdir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-        """Submit a batch script and wait for it (`sbatch --wait`); its output lands in workdir/slurm.out."""
+    def sbatch(self, script: str, workdir: Path, nodes: int = 1, env: dict | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+        """Submit a batch script on `nodes` nodes (one task each) and wait for it (`sbatch --wait`); its
+        output lands in workdir/slurm.out. `env`: the submitting environment (SLURM_CONF is added)."""
         path = workdir / "job.sh"
         path.write_text(script)
-        return subprocess.run(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=1", f"--cpus-per-task={os.cpu_count()}",
-                               f"--chdir={workdir}", f"--output={workdir / 'slurm.out'}", str(path)],
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        argv = ["sbatch", "--wait", f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={os.cpu_count()}",
+                f"--chdir={workdir}", f"--output={workdir / 'slurm.out'}", str(path)]
+        try:
+            return subprocess.run(argv, env={**(env or self.env), "SLURM_CONF": str(self.conf)}, capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            subprocess.run(["scancel", "--name", path.name], env=self.env, capture_output=True)  # its steps too
+            raise
 
     def stop(self) -> None:
-        for proc in reversed(self._procs):  # slurmd, slurmctld, then munged: only the ones started here
+        if self._procs and all(p.poll() is None for p in self._procs):  # jobs a failed test left: end their steps
+            subprocess.run(["scancel", "--user", str(os.geteuid())], env=self.env, capture_output=True, timeout=30)
+        for proc in reversed(self._procs):  # the slurmd, slurmctld, then munged: only the ones started here
             if proc.poll() is None:
                 proc.terminate()
                 try:

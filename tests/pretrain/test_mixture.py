@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import time
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from data_prep.manifest import ManifestError
+from data_prep.remote import BACKENDS
 from pretrain.data import ShardError, ShardLoader
 from pretrain.mixture import ROUND, MixtureLoader
 from tests.http_server import StaticServer
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def half_copy(src, dst):
@@ -79,7 +85,7 @@ def test_sources_with_another_tokenizer_are_refused(two_sources, tmp_path):
 
 def test_round_follows_weights_exactly():
     loader = MixtureLoader.__new__(MixtureLoader)
-    loader.weights, loader.seed, loader.shuffle, loader._round_cache = np.array([0.5, 0.3, 0.2]), 0, True, None
+    loader.weights, loader.seed, loader.shuffle, loader._rounds = np.array([0.5, 0.3, 0.2]), 0, True, {}
     counts = np.bincount(loader._round(3), minlength=3)
     assert counts.sum() == ROUND and np.all(np.abs(counts - loader.weights * ROUND) <= 1)
 
@@ -116,3 +122,47 @@ def test_http_shards_equal_local_and_corruption_is_refetched_then_refused(tiny_d
         with pytest.raises(ShardError, match=f"{name} failed verification twice"):
             list(val)
         assert val._remote.fetches == 2
+
+
+def test_mixture_prefetches_its_remote_source_and_reads_the_same_samples(two_sources, tmp_path, monkeypatch):
+    monkeypatch.setenv("CALM_DATA_CACHE", str(tmp_path / "cache"))
+    (a, wa), (b, wb) = two_sources
+    shutil.copytree(b, tmp_path / "www" / "b")
+    local = list(islice(iter(MixtureLoader(two_sources, "train", 8, seed=3)), 12))
+    with StaticServer(tmp_path / "www") as url:
+        mix = MixtureLoader([(a, wa), (f"{url}/b", wb)], "train", 8, seed=3)
+        src = mix.sources[1]
+        got = [mix.next_batch()]
+        deadline = time.monotonic() + 30
+        while src._remote._pending and time.monotonic() < deadline:  # the queued fetches finish
+            time.sleep(0.05)
+        read = {src._entries[s]["path"] for s in src._shards}  # opened by the reader so far
+        prefetched = set(src._remote._lru) - read
+        assert prefetched and len(set(src._remote._lru)) <= len(read) + src._remote.ahead
+        got += [mix.next_batch() for _ in range(11)]
+        assert all(torch.equal(x, y) for x, y in zip(got, local, strict=True))
+        assert prefetched <= {src._entries[s]["path"] for s in src._shards}  # fetched ahead, then read
+
+
+@pytest.mark.faults
+def test_a_missing_cloud_backend_is_one_line_naming_its_pinned_pip_command(capsys):
+    from data_prep.distributed import main as distributed_main
+
+    def pins(name: str) -> dict[str, str]:
+        lines = (REPO / name).read_text().splitlines()
+        return dict(line.split("==") for line in lines if line and not line.startswith("#"))
+
+    cloud = pins("requirements-cloud.txt")
+    assert cloud["s3fs"] == pins("requirements.txt")["fsspec"]  # s3fs pins fsspec to its own version
+    assert {f"{k}=={v}" for k, v in cloud.items()} == set(BACKENDS.values())
+    missing = [(scheme, pkg) for scheme, pkg in (("s3", "s3fs"), ("gs", "gcsfs")) if not importlib.util.find_spec(pkg)]
+    if not missing:
+        pytest.skip("s3fs and gcsfs are both installed here")
+    for scheme, pkg in missing:
+        with pytest.raises(ManifestError) as err:
+            ShardLoader(f"{scheme}://bucket/data", "train", 4)
+        assert "\n" not in str(err.value) and f"needs {pkg}, which is not installed: pip install {pkg}==" \
+            f"{cloud[pkg]}" in str(err.value)
+        assert distributed_main(["--tasks", "2", "--output", f"{scheme}://bucket/out", "--input", "x.jsonl"]) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [f"[data_prep] error: {err.value}".replace(
+            "bucket/data", "bucket/out")]

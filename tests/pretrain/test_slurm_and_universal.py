@@ -1,16 +1,21 @@
-"""The README's SLURM launch and its resume at another world size, for real on one machine.
+"""The README's SLURM launch under a real SLURM, and its resume at another world size.
 
-SLURM is reproduced as far as a job sees it: the environment sbatch gives the batch script (job id,
-node count, hostlist) and an `srun` on PATH that starts one task per node with SLURM_NODEID set, as
-srun does. Everything else (run.sh's slurm branch, torchrun's two-node rendezvous at the first host of
-the hostlist, ZeRO-3 over gloo) is the real thing. The 2-rank checkpoint it leaves is then converted
-with DeepSpeed's ds_to_universal and resumed by one process, as the README's Resume paragraph says.
+SLURM is the real thing (`tests.slurm_cluster`: munged, slurmctld and two slurmd on this machine):
+the README's `LAUNCHER=slurm NPROC=1 bash run.sh train` runs in a `sbatch --nodes 2` job, run.sh's
+slurm branch starts one torchrun per node through the real `srun`, with the rendezvous host read by
+the real `scontrol`, and its losses must equal a plain 2-rank torchrun launch of the same run. The
+SLURM tests skip, with the reason, where SLURM cannot run. The 2-rank torchrun run's checkpoint is
+converted with DeepSpeed's ds_to_universal and resumed by one process, as the README's Resume
+paragraph says (no SLURM needed). run.sh's own hostlist reader and its error paths are checked
+without any srun being reached.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,52 +25,19 @@ import pytest
 
 from pretrain.distributed import free_port
 from tests.readme import command
+from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--stage", "baseline", "--config", "baseline-tiny", "model.hidden_size=32", "model.intermediate_size=64",
         "model.max_position_embeddings=64", "micro_batch_size=4", "wandb.mode=disabled", "optim.warmup_steps=1",
         "optim.lr=3e-3", "max_steps=8", "save_every=4", "eval_every=0", "log_every=1", "export=false"]
-# srun as it runs a job step: --nodes N tasks, task i with SLURM_NODEID=SLURM_PROCID=i; fails if one does.
-SRUN = r"""#!/usr/bin/env bash
-nodes=1
-while [[ "$1" == -* ]]; do
-  case "$1" in
-    --nodes) nodes="$2"; shift 2 ;;
-    --ntasks-per-node) [[ "$2" == 1 ]] || exit 90; shift 2 ;;
-    --export=ALL) shift ;;
-    *) echo "srun (test): unexpected option $1" >&2; exit 91 ;;
-  esac
-done
-pids=()
-for ((i = 0; i < nodes; i++)); do
-  SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_STEP_NUM_NODES=$nodes "$@" &
-  pids+=($!)
-done
-rc=0
-for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
-exit $rc
-"""
-# An srun that only records what it was asked to run.
-RECORDING_SRUN = '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$SRUN_RECORD"\n'
 
 
-def _shim(directory: Path, text: str) -> Path:
-    directory.mkdir()
-    (directory / "srun").write_text(text)
-    (directory / "srun").chmod(0o755)
-    return directory
-
-
-def _slurm_env(shim_dir: Path, nodelist: str, nodes: int, **extra: str) -> dict[str, str]:
-    """The batch script's environment in a `sbatch --nodes N --ntasks-per-node 1` job (it runs on node 0)."""
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any launcher's or SLURM's variables, one thread per process."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
-    env.update(PATH=f"{shim_dir}{os.pathsep}{env['PATH']}", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
-               SLURM_JOB_ID="4242", SLURM_JOBID="4242", SLURM_JOB_NAME="calm", SLURM_JOB_NUM_NODES=str(nodes),
-               SLURM_NNODES=str(nodes), SLURM_JOB_NODELIST=nodelist, SLURM_NODELIST=nodelist, SLURM_NODEID="0",
-               SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS=str(nodes), SLURM_NTASKS_PER_NODE="1",
-               SLURM_TASKS_PER_NODE=f"1(x{nodes})", SLURM_SUBMIT_DIR=str(REPO))
-    return env | extra
+    return env | {"OMP_NUM_THREADS": "1"} | extra
 
 
 def _train_records(run_dir: Path) -> list[dict]:
@@ -73,65 +45,112 @@ def _train_records(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(tiny_data_dir, tmp_path_factory):
-    """The README's `LAUNCHER=slurm NPROC=… bash run.sh train …` on two "nodes" of one process each."""
-    tmp = tmp_path_factory.mktemp("slurm")
-    words = command("LAUNCHER=slurm")
-    env_words = [w for w in words[:words.index("bash")]]
-    assert [w.split("=")[0] for w in env_words] == ["LAUNCHER", "NPROC"]
-    run_dir = tmp / "run"
-    env = _slurm_env(_shim(tmp / "bin", SRUN), "127.0.0.[1-2]", 2, LAUNCHER="slurm", NPROC="1")
-    proc = subprocess.run(["bash", "run.sh", "train", *TINY, f"data.path={tiny_data_dir}", f"run_dir={run_dir}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return run_dir, proc
-
-
-@pytest.mark.slow
-def test_slurm_launch_trains_one_node_rank_per_srun_task(slurm_run):
-    run_dir, proc = slurm_run
-    assert "SLURM job 4242: 2 node(s) x 1 process(es), rendezvous at 127.0.0.1:" in proc.stderr
-    state = json.loads((run_dir / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
-    assert state["world_size"] == 2 and state["step"] == 8
-    assert len(list((run_dir / "checkpoints" / "step_00000008").glob("zero_pp_rank_*_optim_states.pt"))) == 2
-    records = _train_records(run_dir)
-    assert [r["step"] for r in records] == list(range(1, 9))
-    assert records[-1]["tokens_seen"] == 8 * 2 * 4 * 64  # steps x ranks x micro batch x block
-    assert records[-1]["loss"] < records[0]["loss"]
-
-
-@pytest.mark.skipif(shutil.which("scontrol") is not None, reason="scontrol expands hostlists where it is installed")
-def test_slurm_branch_reads_the_hostlist_without_scontrol(tmp_path):
-    record = tmp_path / "srun_args"
-    shim = _shim(tmp_path / "bin", RECORDING_SRUN)
-    for nodelist, head in (("gpu-[003-005,010],cpu1", "gpu-003"), ("rack[1-2]-n[07,9]", "rack1-n07"),
-                           ("node7", "node7")):
-        env = _slurm_env(shim, nodelist, 5, LAUNCHER="slurm", NPROC="8", MASTER_PORT="29511", SRUN_RECORD=str(record))
-        proc = subprocess.run(["bash", "run.sh", "train", "--stage", "calm", "--config", "calm-m"], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        srun_args = record.read_text().splitlines()
-        assert srun_args[:5] == ["--nodes", "5", "--ntasks-per-node", "1", "--export=ALL"]
-        assert srun_args[5:7] == ["bash", "-c"]
-        script = " ".join(" ".join(srun_args[7:]).split())
-        assert f"--master_addr '{head}' --master_port '29511'" in script
-        assert "--nnodes '5' --node_rank \"$SLURM_NODEID\" --nproc_per_node '8'" in script
-        assert script.endswith("-m 'pretrain' --stage calm --config calm-m")
-    for env, message in ((_slurm_env(shim, "x[", 2, LAUNCHER="slurm"), "cannot read the first host"),
-                         (_slurm_env(shim, "", 2, LAUNCHER="slurm"), "SLURM_JOB_NODELIST is empty"),
-                         (_slurm_env(shim, "n1", 2, LAUNCHER="slurm", SLURM_JOB_ID=""), "inside a SLURM allocation")):
-        proc = subprocess.run(["bash", "run.sh", "train"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+def local_slurm(tmp_path_factory):
+    """A running two-node SLURM cluster (tests.slurm_cluster), or a skip naming why there is none."""
+    try:
+        with LocalSlurm(tmp_path_factory.mktemp("slurm")) as slurm:
+            yield slurm
+    except SlurmUnavailable as exc:
+        pytest.skip(f"no SLURM on this machine: {exc}")
 
 
 @pytest.fixture(scope="module")
-def universal_run(slurm_run, tmp_path_factory, tiny_data_dir):
-    """README's Resume: the SLURM run's step-4 checkpoint converted with ds_to_universal and resumed with
+def two_rank_run(tiny_data_dir, tmp_path_factory):
+    """The README's `NPROC=N bash run.sh train ...` with 2 ranks (torchrun): 8 steps, checkpoints at 4 and 8."""
+    assert command("NPROC=8 bash run.sh train")[:3] == ["NPROC=8", "bash", "run.sh"]
+    run_dir = tmp_path_factory.mktemp("torchrun") / "run"
+    proc = subprocess.run(["bash", "run.sh", "train", *TINY, f"data.path={tiny_data_dir}", f"run_dir={run_dir}"],
+                          cwd=REPO, env=_clean_env(NPROC="2", MASTER_PORT=str(free_port())), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_sbatch_two_node_job_equals_torchrun_launch(local_slurm, two_rank_run, tiny_data_dir, tmp_path):
+    words = command("LAUNCHER=slurm")
+    assert [w.split("=")[0] for w in words[:words.index("bash")]] == ["LAUNCHER", "NPROC"]
+    run_dir = tmp_path / "run"
+    train = shlex.join([*TINY, f"data.path={tiny_data_dir}", f"run_dir={run_dir}"])
+    script = (f"#!/usr/bin/env bash\nset -e\ncd {shlex.quote(str(REPO))}\n"
+              f"LAUNCHER=slurm NPROC=1 MASTER_PORT={free_port()} bash run.sh train {train}\n")
+    job = local_slurm.sbatch(script, tmp_path, nodes=2, env=_clean_env())
+    out = (tmp_path / "slurm.out").read_text() if (tmp_path / "slurm.out").is_file() else ""
+    assert job.returncode == 0, job.stdout + job.stderr + out[-6000:]
+    assert f"2 node(s) x 1 process(es), rendezvous at {local_slurm.nodes[0]}:" in out
+    # One torchrun per node (node ranks from SLURM_NODEID), one rank each: a world of 2.
+    state = json.loads((run_dir / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 8
+    assert len(list((run_dir / "checkpoints" / "step_00000008").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    got, want = _train_records(run_dir), _train_records(two_rank_run)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    assert got[-1]["tokens_seen"] == 8 * 2 * 4 * 64  # steps x ranks x micro batch x block
+
+
+HOSTLISTS = (("gpu-[003-005,010],cpu1", "gpu-003"), ("rack[1-2]-n[07,9]", "rack1-n07"), ("node7", "node7"))
+
+
+def _run_sh_slurm(tmp_path: Path, nodelist: str, **extra: str) -> subprocess.CompletedProcess:
+    """`LAUNCHER=slurm bash run.sh train` in a batch script's environment where scontrol cannot work
+    (an empty SLURM_CONF, as in a container without the cluster's configuration): run.sh reads the
+    hostlist itself. Nothing is started: srun refuses that configuration (or is not installed)."""
+    (tmp_path / "empty.conf").touch()
+    env = _clean_env(LAUNCHER="slurm", NPROC="8", MASTER_PORT="29511", DS_ACCELERATOR="cpu",
+                     SLURM_CONF=str(tmp_path / "empty.conf"), SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="5",
+                     SLURM_JOB_NODELIST=nodelist) | extra
+    return subprocess.run(["bash", "run.sh", "train", "--stage", "calm", "--config", "calm-m"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_slurm_branch_reads_the_hostlist_and_names_bad_allocations(tmp_path):
+    for nodelist, head in HOSTLISTS:
+        proc = _run_sh_slurm(tmp_path, nodelist)
+        assert f"SLURM job 4242: 5 node(s) x 8 process(es), rendezvous at {head}:29511" in proc.stderr, proc.stderr
+        assert proc.returncode != 0  # srun cannot run without a configuration (or is missing)
+    for extra, message in (({"SLURM_JOB_NODELIST": "x["}, "cannot read the first host of SLURM_JOB_NODELIST='x['"),
+                           ({"SLURM_JOB_NODELIST": ""}, "SLURM_JOB_NODELIST is empty"),
+                           ({"SLURM_JOB_ID": ""}, "must run inside a SLURM allocation"),
+                           ({"SLURM_JOB_NUM_NODES": ""}, "neither SLURM_JOB_NUM_NODES nor SLURM_NNODES")):
+        proc = _run_sh_slurm(tmp_path, "n1", **extra)
+        lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_hostlist_reader_agrees_with_scontrol(local_slurm):
+    for nodelist, head in HOSTLISTS:
+        expanded = subprocess.run(["scontrol", "show", "hostnames", nodelist], env=local_slurm.env,
+                                  capture_output=True, text=True, timeout=30, check=True).stdout.split()
+        assert expanded[0] == head
+
+
+@pytest.mark.slow
+def test_data_prep_on_the_datatrove_slurm_executor(local_slurm, tmp_path):
+    from tests.data_prep.test_distributed import ARGS, counts
+
+    env = {**local_slurm.env, "OMP_NUM_THREADS": "1", "CALM_DATA_CACHE": str(tmp_path / "cache")}
+    common = ["--output", str(tmp_path / "slurm"), "--executor", "slurm", "--tasks", "2", "--partition", "debug",
+              "--time", "00:10:00", "--mem-per-cpu-gb", "1", "--wait", *ARGS]
+    proc = subprocess.run([sys.executable, "-m", "data_prep.distributed", *common], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert re.search(r"submitted SLURM jobs \d+ \(tasks\) and \d+ \(merge\)", proc.stderr)
+    local = subprocess.run([sys.executable, "-m", "data_prep.distributed", "--output", str(tmp_path / "local"),
+                            "--tasks", "2", *ARGS], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-4000:]
+    on_slurm, here = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("slurm", "local"))
+    assert on_slurm["made_by"]["executor"] == "slurm" and counts(on_slurm) == counts(here)
+    assert [s["sha256"] for s in on_slurm["splits"]["train"]["shards"]] == \
+        [s["sha256"] for s in here["splits"]["train"]["shards"]]  # same task count: the same shards
+
+
+@pytest.fixture(scope="module")
+def universal_run(two_rank_run, tmp_path_factory, tiny_data_dir):
+    """README's Resume: the 2-rank run's step-4 checkpoint converted with ds_to_universal and resumed with
     zero3_universal.json by one process. One rank with 2 accumulation steps takes the same 8 samples
-    per step as the two ranks did, so it should repeat the SLURM run's steps 5-8."""
-    reference, _ = slurm_run
-    tmp = tmp_path_factory.mktemp("universal")
-    run_dir = tmp / "run"
+    per step as the two ranks did, so it should repeat the 2-rank run's steps 5-8."""
+    reference = two_rank_run
+    run_dir = tmp_path_factory.mktemp("universal") / "run"
     shutil.copytree(reference / "checkpoints" / "step_00000004", run_dir / "checkpoints" / "step_00000004")
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _train_records(reference)[:4]))
 
@@ -147,18 +166,17 @@ def universal_run(slurm_run, tmp_path_factory, tiny_data_dir):
     resume = command("NPROC=4 bash run.sh train ... --resume")
     assert resume[-2:] == ["--resume", "ds_config=ds_configs/zero3_universal.json"]
 
-    env = {k: v for k, v in _slurm_env(tmp, "", 1).items() if not k.startswith("SLURM_")}  # one process
     proc = subprocess.run(["bash", "run.sh", "train", *TINY, f"data.path={tiny_data_dir}", f"run_dir={run_dir}",
                            "grad_accum_steps=2", *resume[-2:]],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+                          cwd=REPO, env=_clean_env(MASTER_PORT=str(free_port())), capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return run_dir
 
 
 @pytest.mark.slow
-def test_universal_checkpoint_resumes_the_two_rank_run_on_one_rank(slurm_run, universal_run, tmp_path):
-    reference, _ = slurm_run
-    got, want = _train_records(universal_run), _train_records(reference)
+def test_universal_checkpoint_resumes_the_two_rank_run_on_one_rank(two_rank_run, universal_run, tmp_path):
+    got, want = _train_records(universal_run), _train_records(two_rank_run)
     assert [r["step"] for r in got] == list(range(1, 9))
     assert [r["tokens_seen"] for r in got] == [r["tokens_seen"] for r in want]
     # Step 5 is computed from the restored weights on the restored loader position.
@@ -167,12 +185,11 @@ def test_universal_checkpoint_resumes_the_two_rank_run_on_one_rank(slurm_run, un
     assert state["world_size"] == 1
 
     from pretrain.export import main as export_main  # `python -m pretrain.export RUN_DIR --tag step_N`
-    assert export_main([str(reference), "--tag", "step_00000004", "--output", str(tmp_path / "export4")]) == 0
+    assert export_main([str(two_rank_run), "--tag", "step_00000004", "--output", str(tmp_path / "export4")]) == 0
     assert json.loads((tmp_path / "export4" / "training.json").read_text())["step"] == 4
 
 
 @pytest.mark.slow
-def test_universal_resume_continues_the_optimizer_exactly(slurm_run, universal_run):
-    reference, _ = slurm_run
-    for mine, theirs in zip(_train_records(universal_run)[5:], _train_records(reference)[5:]):
+def test_universal_resume_continues_the_optimizer_exactly(two_rank_run, universal_run):
+    for mine, theirs in zip(_train_records(universal_run)[5:], _train_records(two_rank_run)[5:]):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
