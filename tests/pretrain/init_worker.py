@@ -113,6 +113,15 @@ def case_exact(data_dir: str, out: Path) -> None:
         assert abs(start["loss"] - want) <= 1e-6, (source, start["loss"], want)
         print(f"{source}: step-0 loss {start['loss']:.8f}, the checkpoint's own {want:.8f}", flush=True)
         trainer.engine.destroy()
+        if source == "baseline":
+            # A checkpoint in run_dir wins over init_from: the run resumes at step 1 (no second step 0).
+            config = tiny_config(stage, data_dir, run_dir, f"init_from={paths[source]}", "max_steps=2", "eval_every=1")
+            resumed = Trainer(config, world, resume=True)
+            assert resumed.run() == 0
+            steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                     if json.loads(line)["split"] == "validation"]
+            assert steps == [0, 1, 2], steps
+            resumed.engine.destroy()
     print("exact ok", flush=True)
 
 

@@ -14,7 +14,7 @@ from pretrain.models.flops import (
 )
 from pretrain.stages import build_model, get_stage
 
-# Inference FLOPs per generated token, Table 1 (calm.md §4): attention at a 2048-position context.
+# Inference FLOPs per generated token, Table 1 of the paper: attention at a 2048-position context.
 TABLE1_INFERENCE = {
     "transformer-s": 4.4e8, "transformer-m": 7.9e8, "transformer-l": 15.0e8,
     "calm-m": 2.9e8, "calm-l": 4.6e8, "calm-xl": 9.4e8,

@@ -8,7 +8,7 @@ from pretrain.config import load_config
 from pretrain.models import AutoencoderConfig, attention, attn_implementation, baseline_config
 from pretrain.stages import build_model
 
-# Parameter counts reported by the paper (calm.md §4); CALM excludes its autoencoder.
+# Parameter counts reported by the paper (its Table 1); CALM excludes its autoencoder.
 PAPER_PARAMS = {
     "transformer-s": 281e6, "transformer-m": 465e6, "transformer-l": 849e6,
     "calm-m": 371e6, "calm-l": 735e6, "calm-xl": 1.82e9,
