@@ -46,10 +46,13 @@ def _train_flops_per_step(preset: str, vocab: int, block: int, ae_path: Path | N
     return stage.train_flops_per_token(model_config, block) * tokens_per_step
 
 
-def _baseline_steps_for(calm_steps: int, vocab: int, block: int, ae_path: Path) -> int:
-    """Optimizer steps that give the baseline preset the training FLOPs CALM spends in `calm_steps`."""
+def _calm_budget(calm_steps: int, vocab: int, block: int, ae_path: Path) -> tuple[float, int]:
+    """(the training FLOPs CALM spends in `calm_steps`, the baseline's steps to reach them): the budget
+    goes to the baseline as `max_train_flops`, and the steps (the trainer's own rule) to its progress line."""
+    from pretrain.train import steps_for_flops
+
     flops = calm_steps * _train_flops_per_step("calm-small", vocab, block, ae_path)
-    return max(int(round(flops / _train_flops_per_step("baseline-tiny", vocab, block))), 1)
+    return flops, steps_for_flops(flops, _train_flops_per_step("baseline-tiny", vocab, block))
 
 
 class Pipeline:
@@ -238,7 +241,7 @@ def train_models(pipe: Pipeline, out: Path, data: Path, args) -> tuple[dict[str,
     # The baseline gets the training FLOPs CALM spends (counted as the trainer counts them, pretrain.models.flops).
     # The two train side by side with half the threads each: these tiny models use a second thread
     # poorly, so this is faster than training one after the other.
-    base_steps = _baseline_steps_for(calm_steps, vocab, block, runs["autoencoder"] / "export")
+    budget, base_steps = _calm_budget(calm_steps, vocab, block, runs["autoencoder"] / "export")
     threads = max(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // 2, 1)
     ports = free_ports(2)
     pipe.together({
@@ -248,7 +251,7 @@ def train_models(pipe: Pipeline, out: Path, data: Path, args) -> tuple[dict[str,
                         f"max_steps={calm_steps}", f"save_every={calm_steps}",
                         f"eval_every={max(calm_steps // 4, 1)}"], "train_calm"),
         "train baseline": (["-m", "pretrain", "--stage", "baseline", "--config", "baseline-tiny", *common,
-                            f"run_dir={runs['baseline']}", f"max_steps={base_steps}", f"save_every={base_steps}",
+                            f"run_dir={runs['baseline']}", f"max_train_flops={budget!r}", f"save_every={base_steps}",
                             f"eval_every={max(base_steps // 4, 1)}"], "train_baseline"),
     }, env={name: {"OMP_NUM_THREADS": str(threads), "MASTER_PORT": str(port)}
             for name, port in zip(("train calm", "train baseline"), ports)},

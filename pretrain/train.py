@@ -207,12 +207,17 @@ def build_engine(config: TrainConfig, model_config, ds_config: dict, device: tor
     return engine, optimizer
 
 
+def steps_for_flops(budget: float, per_step: float) -> int:
+    """The fewest optimizer steps of `per_step` FLOPs whose sum reaches `budget` (at least one)."""
+    return max(1, math.ceil(budget / per_step))
+
+
 def apply_flops_budget(config: TrainConfig, model_config, block_len: int, world: distributed.World) -> int:
     """Set `config.max_steps` to the fewest optimizer steps whose training FLOPs reach
     `config.max_train_flops` (so the logged train_flops end within one step above the budget)."""
     per_step = get_stage(config.stage).train_flops_per_token(model_config, block_len) * (
         config.micro_batch_size * config.grad_accum_steps * world.world_size * block_len)
-    config.max_steps = max(1, math.ceil(config.max_train_flops / per_step))
+    config.max_steps = steps_for_flops(config.max_train_flops, per_step)
     if world.is_main:
         print(f"training FLOPs budget {config.max_train_flops:.4g}: {config.max_steps} steps of "
               f"{per_step:.4g} FLOPs", flush=True)
