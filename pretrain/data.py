@@ -225,23 +225,43 @@ class ShardLoader:
                 part, new_offset = step
                 if self._remote is not None:
                     self._prefetch(order, new_offset)
-                batch = self._gather(order[part]) if part.stop > part.start else None
+                batch = self.read(order[part]) if part.stop > part.start else None
                 self.offset = new_offset
                 if batch is not None:
                     yield batch
             self.epoch, self.offset = self.epoch + 1, 0
 
-    def _gather(self, indices: np.ndarray) -> torch.Tensor:
+    # The interface a mixture of loaders (pretrain.mixture) draws on: sample order, reads, prefetching.
+    @property
+    def is_remote(self) -> bool:
+        return self._remote is not None
+
+    @property
+    def prefetch_ahead(self) -> int:
+        """Batches whose shards a remote loader fetches ahead of the reader (0 for local data)."""
+        return self._remote.ahead if self._remote is not None else 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Sample indices of `epoch` in reading order (a permutation from (seed, epoch) when shuffling)."""
+        return self._order(epoch)
+
+    def read(self, indices: np.ndarray):
+        """The samples at these global indices, in this order (a batch, masked for fine-tuning shards)."""
         shard_ids = np.searchsorted(self._starts, indices, side="right") - 1
         rows = [self._shard(s).read(i - self._starts[s]) for s, i in zip(shard_ids.tolist(), indices.tolist())]
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
         return MaskedBatch(batch[:, 0].contiguous(), batch[:, 1].bool()) if self.masked else batch
 
+    def prefetch(self, indices: np.ndarray) -> None:
+        """Remote data: queue the shards holding these samples, in this order (nothing for local data)."""
+        if self._remote is not None:
+            shard_ids = dict.fromkeys((np.searchsorted(self._starts, indices, side="right") - 1).tolist())
+            self._remote.prefetch([self._entries[s] for s in shard_ids])
+
+
     def _prefetch(self, order: np.ndarray, offset: int) -> None:
         """Remote data: queue the shards of the samples after `offset` (this epoch), in reading order."""
-        upcoming = order[offset : offset + self.global_batch * max(1, self._remote.ahead)]
-        shard_ids = dict.fromkeys((np.searchsorted(self._starts, upcoming, side="right") - 1).tolist())
-        self._remote.prefetch([self._entries[s] for s in shard_ids])
+        self.prefetch(order[offset : offset + self.global_batch * max(1, self._remote.ahead)])
 
     def _shard(self, s: int) -> _Shard:
         shard = self._shards.get(s)

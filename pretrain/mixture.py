@@ -140,7 +140,7 @@ class MixtureLoader:
 
     def next_batch(self) -> torch.Tensor:
         """This rank's slice of the next global batch; the state advances by the whole global batch."""
-        ahead = max((s._remote.ahead for s in self.sources if s._remote is not None), default=0)
+        ahead = max((s.prefetch_ahead for s in self.sources), default=0)
         # Slots of this batch and, for remote sources, of the `ahead` batches after it; each slot's
         # position in its source's stream is drawn so far + earlier slots of that source.
         slots = self._slots(self.position, self.global_batch * (1 + ahead))
@@ -160,22 +160,21 @@ class MixtureLoader:
         epochs, offsets = np.divmod(stream_pos, src.num_samples)
         index = np.empty_like(offsets)
         for e in np.unique(epochs).tolist():  # positions ascend: at most two epochs per batch
-            index[epochs == e] = src._order(e)[offsets[epochs == e]]
+            index[epochs == e] = src.order(e)[offsets[epochs == e]]
         return index
 
     def _prefetch(self, slots: np.ndarray, stream_pos: np.ndarray) -> None:
         """Queue each remote source's shards of the given slots (in reading order, its current epoch only)."""
         for k, src in enumerate(self.sources):
             pos = stream_pos[slots == k]
-            if src._remote is None or not len(pos):
+            if not src.is_remote or not len(pos):
                 continue
             pos = pos[pos // src.num_samples == pos[0] // src.num_samples]
-            shard_ids = np.searchsorted(src._starts, self._indices(k, pos), side="right") - 1
-            src._remote.prefetch([src._entries[s] for s in dict.fromkeys(shard_ids.tolist())])
+            src.prefetch(self._indices(k, pos))
 
     def _read(self, slots: np.ndarray, stream_pos: np.ndarray):
         """The batch of these slots: a LongTensor, or for loss-masked sources a batch of the same kind."""
-        parts = [(np.flatnonzero(slots == k), self.sources[k]._gather(self._indices(k, stream_pos[slots == k])))
+        parts = [(np.flatnonzero(slots == k), self.sources[k].read(self._indices(k, stream_pos[slots == k])))
                  for k in np.unique(slots).tolist()]
         if isinstance(parts[0][1], torch.Tensor):
             return self._place(parts, lambda part: part)
@@ -198,7 +197,7 @@ class MixtureLoader:
 
     def verify_all(self) -> None:
         for src in self.sources:
-            if src._remote is None:  # remote shards are verified by their cache as they arrive
+            if not src.is_remote:  # remote shards are verified by their cache as they arrive
                 src.verify_all()
 
     def state_dict(self) -> dict:

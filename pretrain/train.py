@@ -279,7 +279,7 @@ class Trainer:
         # Every shard the run will read is checksummed now, not when it is first opened (hours in);
         # remote shards are checked by their cache as they arrive instead (not all downloaded here).
         for loader in (self.loader, *getattr(self, "val_loaders", {}).values()):
-            if getattr(loader, "_remote", None) is None:
+            if not getattr(loader, "is_remote", False):
                 loader.verify_all()
         self.block_len = self.loader.block_len
         if config.max_train_flops:
