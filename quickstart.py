@@ -1,7 +1,7 @@
 """The quick start: the whole CALM-vs-Transformer job on a tiny offline default, on one machine.
 
     bash run.sh quickstart                      # ~10 min on 2 CPU cores, no GPU, no hub
-    bash run.sh quickstart --out runs/qs --small   # a shorter run, ~7 min (what the test uses)
+    bash run.sh quickstart --out runs/qs --small   # a shorter run, ~4 min (what the test uses)
     python -m quickstart --help
 
 Steps, each through the same entry points a real run uses (so the quick start is also their
@@ -230,7 +230,7 @@ def train_models(pipe: Pipeline, out: Path, data: Path, args) -> tuple[dict[str,
     """The autoencoder, then CALM and the baseline side by side; the baseline gets CALM's training FLOPs."""
     ae_steps = args.ae_steps or (200 if args.small else 400)
     # CALM learns whole chunks slowly, so it gets more steps than the autoencoder
-    calm_steps = args.calm_steps or (1200 if args.small else 2000)
+    calm_steps = args.calm_steps or (800 if args.small else 2000)
     vocab, block = args.vocab_size, args.block_len
     common = [f"data.path={data}", f"model.vocab_size={vocab}", "wandb.mode=offline", "log_every=10"]
     runs = {"autoencoder": out / "ae", "calm": out / "calm", "baseline": out / "baseline"}

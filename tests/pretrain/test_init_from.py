@@ -79,6 +79,7 @@ def test_the_checkpoint_supplies_the_model_fields(exports, tiny_data_dir, tmp_pa
                   prepare(config))
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("case, message", [
     ("kind", "holds an autoencoder (model_type 'autoencoder'), not a calm model"),
     ("nowhere", "no config.json there"),
@@ -110,6 +111,7 @@ def test_refusals_name_the_mismatch(exports, tiny_data_dir, tmp_path, case, mess
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.faults
 def test_missing_or_unexpected_tensors_are_refused(exports, tiny_data_dir, tmp_path):
     for change, message in (("drop", "missing \\['model.norm.weight'\\]"), ("add", "unexpected \\['extra.weight'\\]"),
                             ("shape", "wrong shape")):
@@ -133,6 +135,7 @@ def test_missing_or_unexpected_tensors_are_refused(exports, tiny_data_dir, tmp_p
                 load_model("baseline", damaged)
 
 
+@pytest.mark.faults
 def test_cli_refuses_before_step_one_in_one_line(exports, tiny_data_dir, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "pretrain", "--stage", "calm", "--config", "finetune", f"init_from={exports['autoencoder']}",
