@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from authors_layout import save_in_authors_layout  # noqa: E402
 from train_worker import check_partitioned, tiny_config, write_ds_config  # noqa: E402
 
 from pretrain import distributed  # noqa: E402
@@ -45,19 +46,7 @@ def make_exports(data_dir: str, out: Path) -> dict[str, Path]:
                 param.data.add_(torch.randn_like(param) * 0.02)
         paths[stage] = save_export(model, stage, tokenizer, out / stage, {"stage": stage, **training}, manifest, None)
     # The authors' layout: .bin state dicts, the head repeated as generative_head.*, an absolute ae_path.
-    calm = CALM.from_pretrained(paths["calm"])
-    authors = out / "authors-calm"
-    authors.mkdir()
-    state = dict(calm.state_dict())
-    state.update({"generative_head." + k[len("mlp_generator."):]: v.clone()
-                  for k, v in state.items() if k.startswith("mlp_generator.")})
-    torch.save(state, authors / "pytorch_model.bin")
-    config = calm.config.to_dict()
-    for key in ("ae_config", "auto_map"):
-        config.pop(key, None)
-    config.update(ae_path="/mnt/authors/checkpoints/autoencoder", architectures=["EnergyTransformer"])
-    (authors / "config.json").write_text(json.dumps(config))
-    paths["authors-calm"] = authors
+    paths["authors-calm"] = save_in_authors_layout(CALM.from_pretrained(paths["calm"]), out / "authors-calm")
     # A plain Hugging Face Llama directory, sharded, with the data's tokenizer.
     from transformers import LlamaForCausalLM
 

@@ -21,6 +21,7 @@ from pretrain.export import main as export_main
 from pretrain.export import save_export
 from pretrain.models.generation import calm_generate
 from pretrain.stages import build_model
+from tests.pretrain.authors_layout import save_in_authors_layout
 
 PROMPT = "The history of the city"
 
@@ -188,16 +189,7 @@ def test_authors_layout_converts_and_loads_through_remote_code(tiny_data_dir, tm
     ae.save_pretrained(authors_ae, safe_serialization=False)  # their .bin layout, same parameter names
     for stale in authors_ae.glob("*.py"):
         stale.unlink()
-    state = dict(calm.state_dict())
-    state.update({"generative_head." + k[len("mlp_generator."):]: v.clone()
-                  for k, v in state.items() if k.startswith("mlp_generator.")})
-    authors_calm.mkdir()
-    torch.save(state, authors_calm / "pytorch_model.bin")
-    config = calm.config.to_dict()
-    for key in ("ae_config", "auto_map"):
-        config.pop(key, None)
-    config.update(ae_path="/mnt/authors/checkpoints/autoencoder", architectures=["EnergyTransformer"])
-    (authors_calm / "config.json").write_text(json.dumps(config))
+    save_in_authors_layout(calm, authors_calm)
     tokenizer.save_pretrained(authors_calm)
 
     out = tmp_path / "converted"

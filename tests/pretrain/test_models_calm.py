@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel
 
 from pretrain.models import CALM, CALMConfig
 from pretrain.stages import build_model
+from tests.pretrain.authors_layout import save_in_authors_layout
 
 AE = dict(vocab_size=61, hidden_size=32, intermediate_size=64, latent_size=8, patch_size=4)
 CALM_KW = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -148,14 +149,7 @@ def test_save_load_round_trip_gives_identical_loss(ae_dir, tmp_path):
 
 def test_loads_an_authors_style_checkpoint_with_ae_path_override(ae_dir, tmp_path):
     model = _calm(ae_dir)
-    state = dict(model.state_dict())
-    state.update({"generative_head." + k[len("mlp_generator."):]: v.clone()
-                  for k, v in state.items() if k.startswith("mlp_generator.")})
-    torch.save(state, tmp_path / "pytorch_model.bin")
-    config = model.config.to_dict()
-    del config["ae_config"]
-    config.update(ae_path="/mnt/authors/checkpoints/autoencoder", architectures=["EnergyTransformer"])
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_in_authors_layout(model, tmp_path)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), CALMConfig)
     with pytest.raises(FileNotFoundError, match="ae_path"):
         CALM.from_pretrained(tmp_path)
