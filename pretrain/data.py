@@ -258,7 +258,6 @@ class ShardLoader:
             shard_ids = dict.fromkeys((np.searchsorted(self._starts, indices, side="right") - 1).tolist())
             self._remote.prefetch([self._entries[s] for s in shard_ids])
 
-
     def _prefetch(self, order: np.ndarray, offset: int) -> None:
         """Remote data: queue the shards of the samples after `offset` (this epoch), in reading order."""
         self.prefetch(order[offset : offset + self.global_batch * max(1, self._remote.ahead)])

@@ -5,8 +5,9 @@ A batch of masked shards is a `pretrain.data.MaskedBatch`. The baseline scores o
 (response) targets in its next-token cross-entropy (labels -100 elsewhere); CALM scores only the
 target chunks that hold a response token (`CALM.forward(loss_mask=...)`); both average over the
 scored positions of the micro-batch. Validation goes through the same objectives, so its `loss` is
-the response-only loss. The autoencoder is not fine-tuned on such data, a mixture (`data.sources`)
-may not hold it, and a CALM must have the patch size the prompts were aligned to.
+the response-only loss. The autoencoder is not fine-tuned on such data, and a CALM must have the patch size the prompts
+were aligned to. A mixture (`data.sources`) of fine-tuning sets works like any other (its sources
+must all be fine-tuning data aligned to the same K: `pretrain.mixture.check_same_format`).
 """
 
 from __future__ import annotations
@@ -39,10 +40,7 @@ def check_data(config, model_config, loader) -> bool:
     masked = [getattr(s, "masked", False) for s in sources]
     if not any(masked):
         return False
-    where = config.data.path or [s.data_dir for s in sources]
-    if len(sources) > 1:
-        raise ConfigError(f"data.sources: fine-tuning data (loss masks) trains alone with data.path=DIR, not in "
-                          f"a mixture ({where})")
+    where = [str(s.data_dir) for s in sources] if len(sources) > 1 else config.data.path
     if config.stage == "autoencoder":
         raise ConfigError(f"{where} holds fine-tuning data (loss masks); the autoencoder stage trains on "
                           "pretraining shards only")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from data_prep.manifest import ManifestError
-from pretrain.data import ShardLoader
+from pretrain.data import MaskedBatch, ShardLoader
 
 ROUND = 1024
 """Samples per round of the mixture stream; the realised proportions match the weights within 1/ROUND per round."""
@@ -64,10 +64,13 @@ def check_same_format(loaders: list[ShardLoader], paths: list[str]) -> None:
         for what, mine, theirs in (("tokenizer (sha256)", m["tokenizer"]["sha256"], first["tokenizer"]["sha256"]),
                                    ("block_len", m["block_len"], first["block_len"]),
                                    ("dtype", m["dtype"], first["dtype"]),
-                                   ("loss_mask", m.get("loss_mask", False), first.get("loss_mask", False))):
+                                   ("loss_mask", m.get("loss_mask", False), first.get("loss_mask", False)),
+                                   ("prompt alignment (K)", m.get("finetune", {}).get("patch_size"),
+                                    first.get("finetune", {}).get("patch_size"))):
             if mine != theirs:
                 raise ManifestError(f"data.sources: {path} has {what} {mine!r} but {paths[0]} has {theirs!r}; all "
-                                    "sources of a mixture must be prepared with the same tokenizer and --block-len")
+                                    "sources of a mixture must be prepared with the same tokenizer, --block-len and kind "
+                                    "(pretraining, or --finetune with one --patch-size)")
 
 
 class MixtureLoader:
@@ -178,8 +181,7 @@ class MixtureLoader:
                  for k in np.unique(slots).tolist()]
         if isinstance(parts[0][1], torch.Tensor):
             return self._place(parts, lambda part: part)
-        kind = type(parts[0][1])  # pretrain.data.MaskedBatch
-        return kind(self._place(parts, lambda p: p.input_ids), self._place(parts, lambda p: p.loss_mask))
+        return MaskedBatch(self._place(parts, lambda p: p.input_ids), self._place(parts, lambda p: p.loss_mask))
 
     @staticmethod
     def _place(parts: list, field) -> torch.Tensor:

@@ -139,9 +139,24 @@ def test_masked_data_is_refused_where_it_cannot_train(sft_dir):
         check_data(config, SimpleNamespace(patch_size=2), loader)
     with pytest.raises(ConfigError, match="autoencoder stage trains on pretraining shards only"):
         check_data(SimpleNamespace(stage="autoencoder", data=config.data), None, loader)
-    mixture = SimpleNamespace(sources=[loader, loader])
-    with pytest.raises(ConfigError, match="not in a mixture"):
-        check_data(config, SimpleNamespace(patch_size=K), mixture)
+
+
+
+def test_a_mixture_of_finetuning_sets_keeps_every_row_with_its_mask(sft_dir, tiny_data_dir):
+    """Two fine-tuning sources: each row of a mixed batch is its source's (ids and mask together);
+    a fine-tuning set does not mix with pretraining data."""
+    from pretrain.data import ManifestError
+    from pretrain.mixture import MixtureLoader
+
+    sources = [(str(sft_dir), 0.5), (str(sft_dir), 0.5)]
+    mixed = next(iter(MixtureLoader(sources, "train", 16, seed=3)))
+    assert isinstance(mixed, MaskedBatch) and mixed.loss_mask.dtype == torch.bool
+    everything = ShardLoader(sft_dir, "train", 1, shuffle=False, epochs=1)
+    rows = {tuple(b.input_ids[0].tolist()): b.loss_mask[0] for b in everything}
+    for ids, mask in zip(mixed.input_ids, mixed.loss_mask):
+        assert torch.equal(rows[tuple(ids.tolist())], mask)
+    with pytest.raises(ManifestError, match="loss_mask"):
+        MixtureLoader([(str(sft_dir), 0.5), (str(tiny_data_dir), 0.5)], "train", 4)
 
 
 def test_generate_left_pad_equals_the_manually_aligned_prompt():
