@@ -119,11 +119,10 @@ def _prepare_output(cfg: PrepConfig, settings: dict) -> dict | None:
                             f"or --overwrite (previous: {json.dumps(previous['settings'])})")
     elif (out / "manifest.json").exists() or any(out.glob("*/shard-*.tar")):
         raise DataError(f"{out} holds data from an unknown run; use another --output or --overwrite")
-    for split in shards.SPLITS:
-        (out / split).mkdir(parents=True, exist_ok=True)
-        for stale in (out / split).glob(".*.tmp*"):  # left by a killed run; never a finished shard
+    for directory in (out, *(out / split for split in shards.SPLITS), parts):
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(".*.tmp*"):  # left by a killed run; never a finished shard or record
             stale.unlink()
-    parts.mkdir(parents=True, exist_ok=True)
     return previous
 
 

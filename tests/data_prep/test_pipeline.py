@@ -119,7 +119,10 @@ def test_resume_after_kill_skips_finished_shards(tmp_path):
         (out / split / shards.shard_name(last)).unlink(missing_ok=True)
     (out / ".parts" / f"chunk-{last:06d}.json").unlink()
     (out / "train" / f".{shards.shard_name(last)}.tmp999").write_bytes(b"half a shard")
+    # the killed run may also have been writing a chunk's record or the manifest (seen in CI)
+    (out / ".parts" / f".chunk-{last:06d}.json.tmp999").write_bytes(b"{")
     (out / "manifest.json").unlink()
+    (out / ".manifest.json.tmp999").write_bytes(b"{")
     kept = out / shard_list[0]["path"]
     before = kept.stat().st_mtime_ns, kept.stat().st_ino
     prep([src], out)
