@@ -93,18 +93,24 @@ def parse_args(argv: list[str]) -> PrepConfig:
                     help="key of a chat [{role, content}, ...]; each assistant turn is scored once")
     ft.add_argument("--truncate", action="store_true",
                     help="cut a record longer than --block-len at the block's end instead of skipping it")
+    ft.add_argument("--pack", action="store_true",
+                    help="several records per block, in order, each aligned to K and attending only to itself "
+                         "(a third sample row holds position ids that restart at every record)")
     run_ = p.add_argument_group("run")
     run_.add_argument("--workers", type=int, default=0, help="worker processes (0: all cores)")
     run_.add_argument("--fail-fast", action="store_true", help="stop at the first bad input instead of skipping it")
     run_.add_argument("--overwrite", action="store_true", help="delete earlier output in --output first")
     run_.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    if not a.finetune and (a.pack or a.truncate):
+        p.error("--pack and --truncate apply to fine-tuning records: add --finetune")
     return PrepConfig(
         inputs=a.input, output=a.output, tokenizer=a.tokenizer, train_tokenizer=a.train_tokenizer,
         vocab_size=a.vocab_size, block_len=a.block_len, patch_size=a.patch_size, val_fraction=a.val_fraction,
         seed=a.seed, shard_mb=a.shard_mb, max_docs=a.max_docs, workers=a.workers, fail_fast=a.fail_fast,
         overwrite=a.overwrite, progress=not a.no_progress,
-        finetune=FinetuneOptions(RecordOptions(a.prompt_field, a.response_field, a.messages_field), a.truncate)
+        finetune=FinetuneOptions(RecordOptions(a.prompt_field, a.response_field, a.messages_field), a.truncate,
+                                 a.pack)
         if a.finetune else None,
         source=SourceOptions(text_field=a.text_field, txt_mode=a.txt_mode, hf_split=a.hf_split,
                              hf_config=a.hf_config, streaming=a.streaming))

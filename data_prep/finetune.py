@@ -2,13 +2,21 @@
 
     python -m data_prep --finetune --input data/toy_sft.jsonl --tokenizer runs/quickstart/data \
         --block-len 64 --patch-size 4 --val-fraction 0.05 --output data/toy_sft
+    python -m data_prep --finetune --pack --block-len 256 ...   # several records per block
 
 Records are read by `data_prep.records` (prompt/response pairs, or chats whose assistant turns are
-the responses). Every pair becomes ONE block of `block_len` tokens, never packed with another, so no
-record can attend to another; the block is
+the responses). By default every pair becomes ONE block of `block_len` tokens; the block is
 
     [PAD]*p  EOS  prompt-tokens | response-tokens  EOS  [PAD]*rest
     \\------ prompt, mask 0 -----/ \\----- mask 1 -----/  \\- mask 0 -/
+
+With --pack, records are laid out the same way but end after their EOS, padded only up to the next
+multiple of K, and follow each other in file order inside a block until the next one would not fit
+(next-fit, so the order and the split are those of the unpacked set; PAD fills the rest). Each sample
+then carries a third row, position ids that restart at 0 at every record (and at the filler): the
+models pass them to transformers' Llama, which turns restarting positions into a block-diagonal
+causal mask, so a record attends only to itself and scores as it would alone in a block
+(docs/method.md §10).
 
 The EOS in front is the document separator the pretraining shards put before every document (a
 prompt is read as the start of a document, as at generation). `p` left-pads the prompt with the pad
@@ -27,7 +35,8 @@ prepared data directory holding it. Its files are copied unchanged, so the manif
 equals the pretraining data's and `data_prep.manifest.check_compatible` accepts the pair.
 
 Each sample is one `KEY.npy` of shape (2, block_len): row 0 token ids, row 1 the loss mask (1 =
-scored); the manifest says so with `"loss_mask": true`. Pretraining shards are untouched by this
+scored), and with --pack (3, block_len), row 2 the position ids; the manifest says so with
+`"loss_mask": true` (and `"finetune": {"packed": true}`). Pretraining shards are untouched by this
 module. Train/validation is split by record (all turns of one chat together), as documents are.
 """
 
@@ -49,6 +58,9 @@ from data_prep.sources import DataError
 
 SAMPLE_FORMAT = ("webdataset tar; member KEY.npy = array (2, block_len): row 0 token ids, row 1 loss mask "
                  "(1 = scored response token, 0 = prompt, alignment padding or right padding)")
+PACKED_SAMPLE_FORMAT = ("webdataset tar; member KEY.npy = array (3, block_len): row 0 token ids, row 1 loss "
+                        "mask (as unpacked), row 2 position ids, restarting at 0 where each record (or the "
+                        "final filler) begins")
 
 
 def left_pad(ids: list[int], k: int, pad: int) -> list[int]:
@@ -65,11 +77,13 @@ class FinetuneOptions:
 
     records: RecordOptions = field(default_factory=RecordOptions)
     truncate: bool = False
+    pack: bool = False
 
 
-def build_block(prompt: list[int], response: list[int], eos: int, pad: int, k: int, block_len: int,
-                truncate: bool) -> tuple[np.ndarray, np.ndarray, bool] | str:
-    """(ids, mask, truncated) of one record's block (module docstring), or the reason it cannot have one."""
+def build_segment(prompt: list[int], response: list[int], eos: int, pad: int, k: int, block_len: int,
+                  truncate: bool) -> tuple[list[int], list[int], bool] | str:
+    """(ids, mask, truncated) of one record, up to its final EOS (module docstring), or the reason it
+    cannot fit in a block."""
     head = left_pad([eos, *prompt], k, pad)
     tail = [*response, eos]
     if len(head) >= block_len:
@@ -79,11 +93,40 @@ def build_block(prompt: list[int], response: list[int], eos: int, pad: int, k: i
         return (f"{len(head) + len(tail)} tokens (aligned prompt {len(head)} + response and EOS {len(tail)}) exceed "
                 f"the block of {block_len}; raise --block-len or pass --truncate to cut the response")
     tail = tail[: block_len - len(head)]
-    ids = np.full(block_len, pad, dtype=np.int64)
-    ids[: len(head) + len(tail)] = head + tail
-    mask = np.zeros(block_len, dtype=np.int64)
-    mask[len(head): len(head) + len(tail)] = 1
-    return ids, mask, cut
+    return head + tail, [0] * len(head) + [1] * len(tail), cut
+
+
+def build_block(prompt: list[int], response: list[int], eos: int, pad: int, k: int, block_len: int,
+                truncate: bool) -> tuple[np.ndarray, np.ndarray, bool] | str:
+    """(ids, mask, truncated) of one record's own block (module docstring), or the reason it cannot have one."""
+    segment = build_segment(prompt, response, eos, pad, k, block_len, truncate)
+    if isinstance(segment, str):
+        return segment
+    ids, mask = np.full(block_len, pad, dtype=np.int64), np.zeros(block_len, dtype=np.int64)
+    ids[: len(segment[0])], mask[: len(segment[1])] = segment[0], segment[1]
+    return ids, mask, segment[2]
+
+
+def pack_segments(segments: list[tuple[list[int], list[int]]], block_len: int, k: int, pad: int) -> list[np.ndarray]:
+    """(3, block_len) blocks of ids, mask and restarting position ids holding the records in order
+    (module docstring: --pack)."""
+    blocks, ids, mask, pos = [], [], [], []
+
+    def close() -> None:
+        rest = block_len - len(ids)
+        blocks.append(np.array([ids + [pad] * rest, mask + [0] * rest, pos + list(range(rest))], dtype=np.int64))
+
+    for seg_ids, seg_mask in segments:
+        width = len(seg_ids) + (-len(seg_ids) % k)
+        if len(ids) + width > block_len:
+            close()
+            ids, mask, pos = [], [], []
+        ids += seg_ids + [pad] * (width - len(seg_ids))
+        mask += seg_mask + [0] * (width - len(seg_ids))
+        pos += list(range(width))
+    if ids:
+        close()
+    return blocks
 
 
 def tokenizer_dir(spec: str) -> Path:
@@ -124,7 +167,7 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
 
 
 def _blocks(cfg, files: list[Path], tok, tok_entry: dict, bad) -> tuple[dict, dict]:
-    """Every record's block, by split, and the per-split counts."""
+    """The blocks of every split (one per record, or packed) and the per-split counts."""
     opts, eos, pad = cfg.finetune, tok_entry["eos_token_id"], tok_entry["pad_token_id"]
     out = {s: [] for s in shards.SPLITS}
     counts = {s: {"documents": 0, "document_tokens": 0, "scored_tokens": 0, "truncated": 0} for s in shards.SPLITS}
@@ -135,24 +178,32 @@ def _blocks(cfg, files: list[Path], tok, tok_entry: dict, bad) -> tuple[dict, di
         if cfg.max_docs is not None and index >= cfg.max_docs:
             break
         ids = [tok(text, add_special_tokens=False)["input_ids"] for text in (prompt, response)]
-        block = build_block(ids[0], ids[1], eos, pad, cfg.patch_size, cfg.block_len, opts.truncate)
-        if isinstance(block, str):
-            bad.report("too_long", where, block)
+        segment = build_segment(ids[0], ids[1], eos, pad, cfg.patch_size, cfg.block_len, opts.truncate)
+        if isinstance(segment, str):
+            bad.report("too_long", where, segment)
             continue
         split = shards.doc_split(cfg.seed, index, cfg.val_fraction)
-        out[split].append(np.stack(block[:2]))
+        out[split].append(segment[:2])
         c = counts[split]
         c["documents"] += 1
         c["document_tokens"] += len(ids[0]) + len(ids[1]) + 2
-        c["scored_tokens"] += int(block[1].sum())
-        c["truncated"] += int(block[2])
-        if block[2]:
+        c["scored_tokens"] += sum(segment[1])
+        c["truncated"] += int(segment[2])
+        if segment[2]:
             print(f"[data_prep] truncated {where}: response cut at the block's end", file=sys.stderr)
-    return out, counts
+    if opts.pack:
+        return {s: pack_segments(segs, cfg.block_len, cfg.patch_size, pad) for s, segs in out.items()}, counts
+    blocks = {}
+    for split, segs in out.items():
+        blocks[split] = [np.array([seg_ids + [pad] * (cfg.block_len - len(seg_ids)),
+                                   seg_mask + [0] * (cfg.block_len - len(seg_mask))], dtype=np.int64)
+                         for seg_ids, seg_mask in segs]
+    return blocks, counts
 
 
 def _write_split(cfg, split: str, blocks: list[np.ndarray], dtype: str) -> list[dict]:
-    per_shard = max(1, int(cfg.shard_mb * 1e6) // (2 * cfg.block_len * np.dtype(dtype).itemsize))
+    rows = 3 if cfg.finetune.pack else 2
+    per_shard = max(1, int(cfg.shard_mb * 1e6) // (rows * cfg.block_len * np.dtype(dtype).itemsize))
     entries = []
     for chunk, start in enumerate(range(0, len(blocks), per_shard)):
         part = np.stack(blocks[start: start + per_shard]).astype(dtype)
@@ -193,7 +244,9 @@ def run(cfg, argv: list[str]) -> dict:
     manifest = _manifest(cfg, argv, files, tok_entry, dtype, splits, bad)
     write_manifest(cfg.output, manifest)
     for split, s in splits.items():
-        print(f"[data_prep] {split}: {s['samples']} records, one block of {cfg.block_len} each ({s['scored_tokens']} "
+        layout = f"packed in {s['samples']} blocks of {cfg.block_len}" if cfg.finetune.pack else \
+            f"one block of {cfg.block_len} each"
+        print(f"[data_prep] {split}: {s['documents']} records, {layout} ({s['scored_tokens']} "
               f"scored response tokens, {s['truncated']} truncated)", file=sys.stderr)
     print(f"[data_prep] bad input skipped: { {k: v for k, v in bad.counts.items() if v} or 'none'}; manifest: "
           f"{cfg.output / 'manifest.json'}", file=sys.stderr)
@@ -206,9 +259,11 @@ def _manifest(cfg, argv, files, tok_entry, dtype, splits, bad) -> dict:
     return {
         **manifest_head(cfg, argv, tok_entry, dtype),
         "loss_mask": True,
-        "sample_format": SAMPLE_FORMAT,
+        "sample_format": PACKED_SAMPLE_FORMAT if cfg.finetune.pack else SAMPLE_FORMAT,
         "document_separator": "eos_token_id before every prompt and after every response",
-        "finetune": {"alignment": "left_pad", "patch_size": cfg.patch_size, "packing": "one record per block",
+        "finetune": {"alignment": "left_pad", "patch_size": cfg.patch_size, "packed": cfg.finetune.pack,
+                     "packing": "records in order, next-fit, position ids restart at each (attention stays inside a "
+                                "record)" if cfg.finetune.pack else "one record per block",
                      "truncate": cfg.finetune.truncate, **asdict(cfg.finetune.records)},
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,

@@ -3,9 +3,10 @@
     python -m evaluation.answer_match --model runs/finetune/calm/export --data data/toy_sft \
         [--split validation] [--limit 200] [--temperature 1.0] [--seed 0]
 
-Each record of the split (`python -m data_prep --finetune`) is read back from its block: the prompt
-is everything before the first scored token, already aligned as in training (left padding, EOS,
-prompt), and the answer is the scored tokens (the response and its EOS). The model samples up to the
+Each record of the split (`python -m data_prep --finetune`, packed or not) is read back from its
+block: the prompt is everything of the record before its first scored token, already aligned as in
+training (left padding, EOS, prompt), and the answer is the scored tokens (the response and its
+EOS). The model samples up to the
 longest answer's length after each prompt (CALM: its exact sampler; baseline: pure temperature), and
 a record counts as matched when the generated tokens up to and including the first EOS are exactly
 its answer; `answer_prefix` counts the records whose generated tokens merely begin with the answer
@@ -36,11 +37,15 @@ def records(data: str, split: str, limit: int) -> list[tuple[list[int], list[int
         raise ManifestError(f"{data} holds pretraining shards; answer_match reads fine-tuning data (data_prep --finetune)")
     out = []
     for batch in loader:
-        ids, mask = batch.input_ids[0], batch.loss_mask[0]
-        start = int(mask.int().argmax())
-        out.append((ids[:start].tolist(), ids[mask].tolist()))
-        if len(out) == limit:
-            break
+        ids, mask, pos = batch.input_ids[0], batch.loss_mask[0], batch.positions()[0]
+        bounds = [*(pos == 0).nonzero().flatten().tolist(), len(ids)]  # records of a packed block
+        for a, b in zip(bounds, bounds[1:]):
+            if not mask[a:b].any():  # the filler after a packed block's last record
+                continue
+            start = a + int(mask[a:b].int().argmax())
+            out.append((ids[a:start].tolist(), ids[a:b][mask[a:b]].tolist()))
+            if len(out) == limit:
+                return out
     return out
 
 

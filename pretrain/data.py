@@ -14,8 +14,9 @@ sha256 (against the manifest) and tar structure when first opened. A truncated o
 raises `ShardError` naming the file.
 
 Fine-tuning shards (manifest `"loss_mask": true`, data_prep/finetune.py) hold (ids, loss mask) per
-sample; their batches are `MaskedBatch`es, which the stage objectives (pretrain.stages) score on the
-masked positions only. Pretraining shards are read exactly as before, as plain LongTensors.
+sample, and packed ones (`"finetune": {"packed": true}`) also the position ids that keep each record
+to itself; their batches are `MaskedBatch`es, which the stage objectives (pretrain.stages) score on
+the masked positions only. Pretraining shards are read exactly as before, as plain LongTensors.
 """
 
 from __future__ import annotations
@@ -45,15 +46,24 @@ class ShardError(RuntimeError):
 
 @dataclass
 class MaskedBatch:
-    """A batch of fine-tuning blocks: token ids and the loss mask (1 = scored), both (B, block_len).
+    """A batch of fine-tuning blocks: token ids, the loss mask (1 = scored) and, for packed blocks, the
+    position ids that restart at every record (None: one record per block), all (B, block_len).
 
     Moves like a tensor (`.to(device)`), so the training loop handles it as it handles a plain batch."""
 
     input_ids: torch.Tensor
     loss_mask: torch.Tensor
+    position_ids: torch.Tensor | None = None
 
     def to(self, *args, **kwargs) -> "MaskedBatch":
-        return MaskedBatch(self.input_ids.to(*args, **kwargs), self.loss_mask.to(*args, **kwargs))
+        pos = None if self.position_ids is None else self.position_ids.to(*args, **kwargs)
+        return MaskedBatch(self.input_ids.to(*args, **kwargs), self.loss_mask.to(*args, **kwargs), pos)
+
+    def positions(self) -> torch.Tensor:
+        """The position ids, counting from 0 across the block where it holds one record."""
+        if self.position_ids is not None:
+            return self.position_ids
+        return torch.arange(self.input_ids.shape[1], device=self.input_ids.device).expand_as(self.input_ids)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -86,7 +96,7 @@ class _Shard:
     """Checks one tar and indexes its blocks; the memory map is opened on demand and may be dropped."""
 
     def __init__(self, path: Path, entry: dict, block_len: int, dtype: np.dtype, verify: bool, rows: int = 1):
-        # rows=2: fine-tuning samples, (2, block_len) arrays of ids and loss mask
+        # rows=2: fine-tuning samples, (2, block_len) arrays of ids and loss mask; 3: packed, with position ids
         self.path, self.dtype, self.nbytes = path, dtype, rows * block_len * dtype.itemsize
         self.shape = (block_len,) if rows == 1 else (rows, block_len)
         if verify:
@@ -160,6 +170,7 @@ class ShardLoader:
         self.num_samples = int(self._starts[-1])
         self._dtype = np.dtype(self._manifest["dtype"])
         self.masked = bool(self._manifest.get("loss_mask", False))
+        self.packed = self.masked and bool(self._manifest.get("finetune", {}).get("packed", False))
         self._data_id = hashlib.sha256("".join(s["sha256"] for s in self._entries).encode()).hexdigest()
         for entry in self._entries if self._remote is None else ():  # remote shards: checked when fetched
             path = self.data_dir / entry["path"]
@@ -250,7 +261,10 @@ class ShardLoader:
         shard_ids = np.searchsorted(self._starts, indices, side="right") - 1
         rows = [self._shard(s).read(i - self._starts[s]) for s, i in zip(shard_ids.tolist(), indices.tolist())]
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return MaskedBatch(batch[:, 0].contiguous(), batch[:, 1].bool()) if self.masked else batch
+        if not self.masked:
+            return batch
+        return MaskedBatch(batch[:, 0].contiguous(), batch[:, 1].bool(),
+                           batch[:, 2].contiguous() if self.packed else None)
 
     def prefetch(self, indices: np.ndarray) -> None:
         """Remote data: queue the shards holding these samples, in this order (nothing for local data)."""
@@ -272,7 +286,8 @@ class ShardLoader:
             raise ShardError(str(exc)) from exc
         if shard is None:
             shard = self._shards[s] = _Shard(path, entry, self.block_len, self._dtype,
-                                             self.verify and self._remote is None, 2 if self.masked else 1)
+                                             self.verify and self._remote is None,
+                                             1 + self.masked + self.packed)
         self._mapped[s] = None
         self._mapped.move_to_end(s)
         if len(self._mapped) > OPEN_SHARDS:

@@ -5,8 +5,10 @@ A batch of masked shards is a `pretrain.data.MaskedBatch`. The baseline scores o
 (response) targets in its next-token cross-entropy (labels -100 elsewhere); CALM scores only the
 target chunks that hold a response token (`CALM.forward(loss_mask=...)`); both average over the
 scored positions of the micro-batch. Validation goes through the same objectives, so its `loss` is
-the response-only loss. The autoencoder is not fine-tuned on such data, and a CALM must have the patch size the prompts
-were aligned to. A mixture (`data.sources`) of fine-tuning sets works like any other (its sources
+the response-only loss. Packed blocks (data_prep --pack) carry position ids that restart at every
+record; both models hand them to transformers' Llama, which then lets each token attend only inside
+its record (for CALM at the chunk level: records start on chunk boundaries). The autoencoder is not
+fine-tuned on such data, and a CALM must have the patch size the prompts were aligned to. A mixture (`data.sources`) of fine-tuning sets works like any other (its sources
 must all be fine-tuning data aligned to the same K: `pretrain.mixture.check_same_format`).
 """
 
@@ -21,11 +23,11 @@ IGNORE = -100
 """The label of an unscored target (transformers' and `losses.linear_cross_entropy`'s ignore_index)."""
 
 
-def unpack(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(token ids, loss mask or None) of a plain or masked batch."""
+def unpack(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(token ids, loss mask or None, position ids of packed records or None) of a plain or masked batch."""
     if isinstance(batch, MaskedBatch):
-        return batch.input_ids, batch.loss_mask
-    return batch, None
+        return batch.input_ids, batch.loss_mask, batch.position_ids
+    return batch, None, None
 
 
 def masked_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

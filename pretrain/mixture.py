@@ -181,7 +181,9 @@ class MixtureLoader:
                  for k in np.unique(slots).tolist()]
         if isinstance(parts[0][1], torch.Tensor):
             return self._place(parts, lambda part: part)
-        return MaskedBatch(self._place(parts, lambda p: p.input_ids), self._place(parts, lambda p: p.loss_mask))
+        packed = any(p.position_ids is not None for _, p in parts)  # a packed set mixed with unpacked ones
+        return MaskedBatch(self._place(parts, lambda p: p.input_ids), self._place(parts, lambda p: p.loss_mask),
+                           self._place(parts, lambda p: p.positions()) if packed else None)
 
     @staticmethod
     def _place(parts: list, field) -> torch.Tensor:

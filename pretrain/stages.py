@@ -26,7 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from pretrain.finetune import masked_labels, unpack
 from pretrain.models import flops
-from pretrain.models.attention import attn_implementation
+from pretrain.models.attention import attn_implementation, packs_in_one_row
 from pretrain.models.autoencoder import Autoencoder, AutoencoderConfig
 from pretrain.models.baseline import baseline_config
 from pretrain.models.calm import CALM, CALMConfig
@@ -34,15 +34,15 @@ from pretrain.models.losses import linear_cross_entropy, resolve_chunk_rows
 
 
 def _autoencoder_objective(model, batch: torch.Tensor, metrics: bool = True, ce_chunk_rows: int | str = "auto"):
-    if unpack(batch)[1] is not None:
+    if not isinstance(batch, torch.Tensor):
         raise ValueError("the autoencoder stage trains on pretraining shards, not on fine-tuning (masked) data")
     return model(input_ids=batch, accuracy=metrics, ce_chunk_rows=ce_chunk_rows)
 
 
 def _calm_objective(model, batch: torch.Tensor, metrics: bool = True, ce_chunk_rows: int | str = "auto"):
     """Energy loss; on fine-tuning data only the chunks holding response tokens (pretrain.finetune)."""
-    ids, mask = unpack(batch)
-    return model(input_ids=ids) if mask is None else model(input_ids=ids, loss_mask=mask)
+    ids, mask, positions = unpack(batch)
+    return model(input_ids=ids) if mask is None else model(input_ids=ids, loss_mask=mask, position_ids=positions)
 
 
 def _baseline_objective(model, batch: torch.Tensor, metrics: bool = True, ce_chunk_rows: int | str = "auto"):
@@ -50,16 +50,20 @@ def _baseline_objective(model, batch: torch.Tensor, metrics: bool = True, ce_chu
     `losses.resolve_chunk_rows`): the backbone's final hidden states through the LM head in chunks of
     rows, so the (tokens x vocabulary) logits are never whole; the model stays a plain Llama. On
     fine-tuning data only the response targets are scored (labels -100 elsewhere; pretrain.finetune)."""
-    batch, mask = unpack(batch)
+    batch, mask, positions = unpack(batch)
     labels = batch if mask is None else masked_labels(batch, mask)
     module = getattr(model, "module", model)  # a DeepSpeed engine or the model itself
+    # Packed records (pretrain.finetune): transformers keeps them apart only when no cache is passed.
+    extra = {} if positions is None else {"position_ids": positions, "use_cache": False}
+    if positions is not None and packs_in_one_row(module.config):  # each row starts with an unscored token
+        batch, labels, extra["position_ids"] = batch.reshape(1, -1), labels.reshape(1, -1), positions.reshape(1, -1)
     head = module.lm_head
     rows = resolve_chunk_rows(ce_chunk_rows, batch.numel(), module.config.vocab_size, batch.device.type)
     if not rows:
-        return model(input_ids=batch, labels=labels)
+        return model(input_ids=batch, labels=labels, **extra)
     # logits_to_keep=1: the head's own forward makes one position's logits; hidden_states[-1] is the
     # final (normed) hidden state of every position.
-    out = model(input_ids=batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    out = model(input_ids=batch, output_hidden_states=True, logits_to_keep=1, **{"use_cache": False, **extra})
     hidden = out.hidden_states[-1][:, :-1]
     # The head's weight as an output of the head's own forward (identity @ W^T is W^T exactly, in any
     # float format): under ZeRO-3 the partitioned weight is gathered for that call and again for its

@@ -49,3 +49,12 @@ def attn_implementation(device: str | torch.device | None = None, dtype: torch.d
         return "sdpa"
     capability = torch.cuda.get_device_capability(device)
     return choose_attention("cuda", dtype, capability, flash_attn_importable())
+
+
+def packs_in_one_row(config) -> bool:
+    """Whether a batch of packed records (position ids restarting inside a row) must go in as ONE row:
+    transformers' flash-attention path recognises restarting positions only in a batch of one row
+    (then it runs the variable-length kernel, records kept apart); with several rows it would let every
+    record attend to the ones before it. Its SDPA and eager paths build a block-diagonal mask for any
+    batch, so they keep the rows."""
+    return str(getattr(config, "_attn_implementation", None) or "").startswith("flash")

@@ -32,6 +32,7 @@ from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
+from .attention import packs_in_one_row
 from .autoencoder import Autoencoder, AutoencoderConfig
 from .checks import require_at_least
 from .energy import MLPGenerator, energy_loss
@@ -227,17 +228,39 @@ class CALM(PreTrainedModel, CALMGenerationMixin):
             mu, log_sigma = self.ae_model.encode(input_ids)
         return mu.float(), log_sigma.float()
 
-    def forward(self, input_ids: torch.LongTensor, loss_mask: torch.Tensor | None = None, **kwargs) -> CALMOutput:
+    def chunk_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token position ids (B, T*K) of packed records -> chunk position ids (B, T). Each record must
+        start on a chunk boundary (data_prep --pack aligns them), else a chunk would mix two records."""
+        k = self.patch_size
+        pos = position_ids.reshape(position_ids.shape[0], -1, k)
+        offsets = torch.arange(k, device=pos.device)
+        if not bool(((pos - pos[..., :1] == offsets) & (pos[..., :1] % k == 0)).all()):
+            raise ValueError(f"packed records must start on chunk boundaries (K={k}): prepare them with data_prep "
+                             f"--finetune --pack --patch-size {k}")
+        return pos[..., 0] // k
+
+    def forward(self, input_ids: torch.LongTensor, loss_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs) -> CALMOutput:
         """Energy loss of predicting chunks 1..T-1 from chunks 0..T-2 of `input_ids` (B, T*K).
 
         `loss_mask` (B, T*K), fine-tuning: only the target chunks that hold a masked-in (response) token
-        are scored (the head samples only there), so the loss is their mean and the rest give nothing."""
+        are scored (the head samples only there), so the loss is their mean and the rest give nothing.
+        `position_ids` (B, T*K), packed fine-tuning blocks: token positions restarting at every record;
+        the backbone gets them per chunk, so transformers keeps each record's attention inside it."""
         n = self._num_chunks(input_ids)
         if n < 2:
             raise ValueError(f"CALM needs at least 2 chunks ({2 * self.patch_size} tokens) per sequence, got {n}")
         k = self.patch_size
         mu, log_sigma = self.target_posterior(input_ids[:, k:])
-        hidden, _ = self.backbone(self.chunk_embeddings(input_ids[:, :-k]), use_cache=False)
+        embeds = self.chunk_embeddings(input_ids[:, :-k])
+        if position_ids is None:
+            hidden, _ = self.backbone(embeds, use_cache=False)
+        else:
+            positions = self.chunk_positions(position_ids)[:, : n - 1]
+            if packs_in_one_row(self.config):  # every row starts a record, so rows stay apart too
+                embeds, positions = embeds.reshape(1, -1, embeds.shape[-1]), positions.reshape(1, -1)
+            hidden, _ = self.backbone(embeds, use_cache=False, position_ids=positions)
+            hidden = hidden.reshape(input_ids.shape[0], n - 1, -1)
         predicting = hidden
         if loss_mask is not None:
             scored = loss_mask[:, k:].reshape(loss_mask.shape[0], n - 1, k).bool().any(-1)

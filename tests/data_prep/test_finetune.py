@@ -158,9 +158,13 @@ def test_readme_toy_set_and_prep_commands(tiny_data_dir, tmp_path):
 
     toy = command("python -m data_prep.toy_tasks")[3:]
     toy_main(swap(toy, {"--output": str(tmp_path / "toy.jsonl")}) + ["--records", "60"])
-    prep = command("python -m data_prep --finetune")[3:]
-    main(swap(prep, {"--input": str(tmp_path / "toy.jsonl"), "--tokenizer": str(tiny_data_dir),
-                     "--output": str(tmp_path / "toy_sft")}) + ["--no-progress"])
-    manifest = json.loads((tmp_path / "toy_sft" / "manifest.json").read_text())
-    assert manifest["loss_mask"] and manifest["bad_input"]["total"] == 0
-    assert sum(s["samples"] for s in manifest["splits"].values()) == 60
+    for prefix, name in (("python -m data_prep --finetune --input", "toy_sft"),
+                         ("python -m data_prep --finetune --pack", "toy_sft_packed")):
+        prep = command(prefix)[3:]
+        main(swap(prep, {"--input": str(tmp_path / "toy.jsonl"), "--tokenizer": str(tiny_data_dir),
+                         "--output": str(tmp_path / name)}) + ["--no-progress"])
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert manifest["loss_mask"] and manifest["bad_input"]["total"] == 0
+        assert sum(s["documents"] for s in manifest["splits"].values()) == 60
+    blocks = sum(s["samples"] for s in manifest["splits"].values())
+    assert manifest["finetune"]["packed"] and blocks < 20
