@@ -13,7 +13,8 @@ measurements):
    attention kernel CALM and the baseline pick in bf16 and actually run (profiled): flash required.
 2. correctness: each model's bf16 forward against fp32; the autoencoder and CALM's energy loss on the
    GPU equal the CPU's in fp32; SDPA's flash backend (and flash-attn's kernel, if installed) against the
-   math backend. Tolerances: `bench/gpu_check_numerics.py`.
+   math backend. Tolerances: `bench/gpu_check_numerics.py`. Packed fine-tuning records stay apart
+   under the kernel the models pick (`bench/gpu_check_packing.py`).
 3. training through DeepSpeed ZeRO-3 (NCCL, bf16): the paper-size autoencoder (vocabulary 128256) with
    whole and chunked logits, calm-m (8192-token blocks) and transformer-s (2048) with activation
    checkpointing off and on: tokens/s, TFLOP/s, MFU, peak memory; then a deliberately non-finite step
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 from bench import gpu_check_numerics as numerics
+from bench import gpu_check_packing as packing
 from bench import gpu_check_speed as speed
 
 
@@ -205,6 +207,7 @@ def run_steps(report: Report, sizes: Sizes, device: torch.device, world, scratch
     report.run("2 numerics", numerics.step_correctness, models, device, ids)
     report.run("2 kernels", numerics.step_kernels, device, sizes.kernel_shape)
     report.run("2 chunked CE", numerics.step_chunked_ce, device, sizes.ce_shape)
+    report.run("2 packing", packing.step_packing, kw, device, sizes.seq)
     del models
     speed._release(device)
     deadline = report.start + report.budget_s

@@ -17,7 +17,7 @@ import pytest
 from tests.readme import command
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = {"1 env", "1 attention", "2 numerics", "2 kernels", "2 chunked CE", "3 train", "3 nonfinite",
+STEPS = {"1 env", "1 attention", "2 numerics", "2 kernels", "2 chunked CE", "2 packing", "3 train", "3 nonfinite",
          "4 brierlm", "4 generate"}
 OFFLINE = ("NewConnectionError", "Temporary failure in name resolution", "Max retries exceeded",
            "Could not fetch URL", "Network is unreachable")
