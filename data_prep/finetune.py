@@ -96,15 +96,11 @@ def build_segment(prompt: list[int], response: list[int], eos: int, pad: int, k:
     return head + tail, [0] * len(head) + [1] * len(tail), cut
 
 
-def build_block(prompt: list[int], response: list[int], eos: int, pad: int, k: int, block_len: int,
-                truncate: bool) -> tuple[np.ndarray, np.ndarray, bool] | str:
-    """(ids, mask, truncated) of one record's own block (module docstring), or the reason it cannot have one."""
-    segment = build_segment(prompt, response, eos, pad, k, block_len, truncate)
-    if isinstance(segment, str):
-        return segment
-    ids, mask = np.full(block_len, pad, dtype=np.int64), np.zeros(block_len, dtype=np.int64)
-    ids[: len(segment[0])], mask[: len(segment[1])] = segment[0], segment[1]
-    return ids, mask, segment[2]
+def one_block(segment: tuple[list[int], list[int]], block_len: int, pad: int) -> np.ndarray:
+    """(2, block_len) ids and mask of one record in its own block, right-padded (module docstring)."""
+    ids, mask = segment
+    rest = block_len - len(ids)
+    return np.array([ids + [pad] * rest, mask + [0] * rest], dtype=np.int64)
 
 
 def pack_segments(segments: list[tuple[list[int], list[int]]], block_len: int, k: int, pad: int) -> list[np.ndarray]:
@@ -193,12 +189,7 @@ def _blocks(cfg, files: list[Path], tok, tok_entry: dict, bad) -> tuple[dict, di
             print(f"[data_prep] truncated {where}: response cut at the block's end", file=sys.stderr)
     if opts.pack:
         return {s: pack_segments(segs, cfg.block_len, cfg.patch_size, pad) for s, segs in out.items()}, counts
-    blocks = {}
-    for split, segs in out.items():
-        blocks[split] = [np.array([seg_ids + [pad] * (cfg.block_len - len(seg_ids)),
-                                   seg_mask + [0] * (cfg.block_len - len(seg_mask))], dtype=np.int64)
-                         for seg_ids, seg_mask in segs]
-    return blocks, counts
+    return {s: [one_block(seg, cfg.block_len, pad) for seg in segs] for s, segs in out.items()}, counts
 
 
 def _write_split(cfg, split: str, blocks: list[np.ndarray], dtype: str) -> list[dict]:

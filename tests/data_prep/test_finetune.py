@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_prep.__main__ import main
-from data_prep.finetune import build_block, left_pad
+from data_prep.finetune import build_segment, left_pad, one_block, pack_segments
 from data_prep.sources import DataError
 from data_prep.toy_tasks import lines
 from pretrain.data import MaskedBatch, ShardLoader
@@ -50,6 +50,15 @@ def test_alignment_rule_is_shared_with_generation():
             assert len(left_pad(ids, k, 7)) % k == 0 and left_pad(ids, k, 7)[len(left_pad(ids, k, 7)) - n:] == ids
 
 
+def build_block(prompt, response, eos, pad, k, block_len, truncate):
+    """One record's own block as data_prep writes it (ids, mask, truncated), or the reason it has none."""
+    segment = build_segment(prompt, response, eos, pad, k, block_len, truncate)
+    if isinstance(segment, str):
+        return segment
+    ids, mask = one_block(segment[:2], block_len, pad)
+    return ids, mask, segment[2]
+
+
 def test_block_layout_response_on_a_chunk_boundary_padding_only_in_the_prompt():
     for n_prompt in range(9):
         ids, mask, cut = build_block(list(range(10, 10 + n_prompt)), [50, 51, 52], eos=0, pad=1, k=K, block_len=24,
@@ -64,6 +73,16 @@ def test_block_layout_response_on_a_chunk_boundary_padding_only_in_the_prompt():
     ids, mask, cut = build_block([5] * 10, [6] * 20, 0, 1, K, 24, truncate=True)
     assert cut and mask.sum() == 12 and ids[-1] == 6
     assert "no room for a response" in build_block([5] * 23, [6], 0, 1, K, 24, truncate=True)
+
+
+def test_packing_keeps_order_rounds_records_to_k_and_restarts_positions():
+    segments = [([5] * 5, [0, 0, 0, 1, 1]), ([6] * 8, [0] * 4 + [1] * 4), ([7] * 3, [0, 1, 1])]
+    first, second = pack_segments(segments, block_len=16, k=K, pad=1)  # widths 8, 8, 4: the third opens a block
+    assert first[0].tolist() == [5] * 5 + [1] * 3 + [6] * 8
+    assert first[1].tolist() == [0, 0, 0, 1, 1, 0, 0, 0] + [0] * 4 + [1] * 4
+    assert first[2].tolist() == list(range(8)) * 2
+    assert second[0].tolist() == [7] * 3 + [1] * 13 and second[1].sum() == 2
+    assert second[2].tolist() == list(range(4)) + list(range(12))  # the filler is a segment of its own
 
 
 def test_prompt_response_and_chat_records_become_masked_blocks(tiny_data_dir, tmp_path):
