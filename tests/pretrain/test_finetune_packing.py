@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from data_prep.__main__ import main as data_prep
 from data_prep.toy_tasks import lines
@@ -12,7 +13,7 @@ from evaluation.answer_match import records
 from pretrain.data import MaskedBatch, ShardLoader
 from pretrain.mixture import MixtureLoader
 from pretrain.stages import build_model, get_stage
-from tests.pretrain.test_finetune import BASELINE, K, _calm
+from tests.pretrain.test_finetune import BASELINE, K, REPO, _calm, _train
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +110,16 @@ def test_pack_needs_finetune(tmp_path, capsys):
     with pytest.raises(SystemExit):
         data_prep(["--input", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "o"), "--pack"])
     assert "--finetune" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_calm_trains_on_packed_shards_through_the_trainer(sets, tmp_path):
+    """The real trainer (DeepSpeed engine, validation) trains CALM on packed blocks (the isolation itself
+    is checked above, on the objectives the trainer calls)."""
+    torch.manual_seed(0)
+    build_model("autoencoder", yaml.safe_load((REPO / "configs" / "ae-tiny.yaml").read_text())["model"]) \
+        .save_pretrained(tmp_path / "ae")
+    records = _train("calm", "calm-tiny", sets["packed"], tmp_path / "calm", f"ae_path={tmp_path / 'ae'}")
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "validation"]
+    assert len(train) == 2 and all(r["loss"] == r["loss"] for r in train) and val and val[-1]["loss"] > 0
