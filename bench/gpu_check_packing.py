@@ -25,10 +25,10 @@ def packed_rows(length: int, k: int) -> tuple[list[list[int]], torch.Tensor]:
 
 
 def _baseline_logits(model, ids, positions):
-    from pretrain.models.attention import packs_in_one_row
+    from pretrain.models.attention import as_one_row, packs_in_one_row
 
     if positions is not None and packs_in_one_row(model.config):  # as pretrain.stages feeds packed batches
-        out = model(input_ids=ids.reshape(1, -1), position_ids=positions.reshape(1, -1), use_cache=False)
+        out = model(*as_one_row(ids), position_ids=as_one_row(positions)[0], use_cache=False)
         return out.logits.reshape(*ids.shape, -1)
     return model(input_ids=ids, position_ids=positions, use_cache=False).logits
 

@@ -6,14 +6,14 @@
 Each record of the split (`python -m data_prep --finetune`, packed or not) is read back from its
 block: the prompt is everything of the record before its first scored token, already aligned as in
 training (left padding, EOS, prompt), and the answer is the scored tokens (the response and its
-EOS). The model samples up to the
-longest answer's length after each prompt (CALM: its exact sampler; baseline: pure temperature), and
-a record counts as matched when the generated tokens up to and including the first EOS are exactly
-its answer; `answer_prefix` counts the records whose generated tokens merely begin with the answer
-less its EOS (for a model that writes the right answer but cannot stop: the quick start's tiny
-autoencoder never reconstructs EOS, so its CALM cannot end a text). Prints one JSON line: model,
-kind, split, records, temperature, exact_match, answer_prefix. A cheap task-level check beside the
-response-only loss that training logs; at temperature 1 it measures samples, not the mode.
+EOS). The model samples up to the longest answer's length after each prompt (CALM: its exact
+sampler; baseline: pure temperature), and a record counts as matched when the generated tokens up
+to and including the first EOS are exactly its answer; `answer_prefix` counts the records whose
+generated tokens merely begin with the answer less its EOS (for a model that writes the right
+answer but cannot stop: the quick start's tiny autoencoder never reconstructs EOS, so its CALM
+cannot end a text). Prints one JSON line: model, kind, split, records, temperature, exact_match,
+answer_prefix. A cheap task-level check beside the response-only loss that training logs; at
+temperature 1 it measures samples, not the mode.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ scored positions of the micro-batch. Validation goes through the same objectives
 the response-only loss. Packed blocks (data_prep --pack) carry position ids that restart at every
 record; both models hand them to transformers' Llama, which then lets each token attend only inside
 its record (for CALM at the chunk level: records start on chunk boundaries). The autoencoder is not
-fine-tuned on such data, and a CALM must have the patch size the prompts were aligned to. A mixture (`data.sources`) of fine-tuning sets works like any other (its sources
-must all be fine-tuning data aligned to the same K: `pretrain.mixture.check_same_format`).
+fine-tuned on such data, and a CALM must have the patch size the prompts were aligned to. A mixture
+(`data.sources`) of fine-tuning sets works like any other (its sources must all be fine-tuning data
+aligned to the same K: `pretrain.mixture.check_same_format`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from pretrain.finetune import masked_labels, unpack
 from pretrain.models import flops
-from pretrain.models.attention import attn_implementation, packs_in_one_row
+from pretrain.models.attention import as_one_row, attn_implementation, packs_in_one_row
 from pretrain.models.autoencoder import Autoencoder, AutoencoderConfig
 from pretrain.models.baseline import baseline_config
 from pretrain.models.calm import CALM, CALMConfig
@@ -53,17 +53,20 @@ def _baseline_objective(model, batch: torch.Tensor, metrics: bool = True, ce_chu
     batch, mask, positions = unpack(batch)
     labels = batch if mask is None else masked_labels(batch, mask)
     module = getattr(model, "module", model)  # a DeepSpeed engine or the model itself
-    # Packed records (pretrain.finetune): transformers keeps them apart only when no cache is passed.
-    extra = {} if positions is None else {"position_ids": positions, "use_cache": False}
-    if positions is not None and packs_in_one_row(module.config):  # each row starts with an unscored token
-        batch, labels, extra["position_ids"] = batch.reshape(1, -1), labels.reshape(1, -1), positions.reshape(1, -1)
+    # No KV cache in training: it would only cost memory, and transformers keeps packed records apart
+    # (pretrain.finetune) only when none is passed.
+    extra = {"use_cache": False}
+    if positions is not None:
+        if packs_in_one_row(module.config):  # each row starts with an unscored token: no target crosses rows
+            batch, labels, positions = as_one_row(batch, labels, positions)
+        extra["position_ids"] = positions
     head = module.lm_head
     rows = resolve_chunk_rows(ce_chunk_rows, batch.numel(), module.config.vocab_size, batch.device.type)
     if not rows:
         return model(input_ids=batch, labels=labels, **extra)
     # logits_to_keep=1: the head's own forward makes one position's logits; hidden_states[-1] is the
     # final (normed) hidden state of every position.
-    out = model(input_ids=batch, output_hidden_states=True, logits_to_keep=1, **{"use_cache": False, **extra})
+    out = model(input_ids=batch, output_hidden_states=True, logits_to_keep=1, **extra)
     hidden = out.hidden_states[-1][:, :-1]
     # The head's weight as an output of the head's own forward (identity @ W^T is W^T exactly, in any
     # float format): under ZeRO-3 the partitioned weight is gathered for that call and again for its

@@ -58,3 +58,9 @@ def packs_in_one_row(config) -> bool:
     record attend to the ones before it. Its SDPA and eager paths build a block-diagonal mask for any
     batch, so they keep the rows."""
     return str(getattr(config, "_attn_implementation", None) or "").startswith("flash")
+
+
+def as_one_row(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, L, ...) tensors -> (1, B*L, ...): the layout `packs_in_one_row` asks for (every row of a packed
+    batch starts a record, so the rows stay apart as well)."""
+    return tuple(t.reshape(1, -1, *t.shape[2:]) for t in tensors)

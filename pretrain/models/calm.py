@@ -32,7 +32,7 @@ from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
-from .attention import packs_in_one_row
+from .attention import as_one_row, packs_in_one_row
 from .autoencoder import Autoencoder, AutoencoderConfig
 from .checks import require_at_least
 from .energy import MLPGenerator, energy_loss
@@ -257,8 +257,8 @@ class CALM(PreTrainedModel, CALMGenerationMixin):
             hidden, _ = self.backbone(embeds, use_cache=False)
         else:
             positions = self.chunk_positions(position_ids)[:, : n - 1]
-            if packs_in_one_row(self.config):  # every row starts a record, so rows stay apart too
-                embeds, positions = embeds.reshape(1, -1, embeds.shape[-1]), positions.reshape(1, -1)
+            if packs_in_one_row(self.config):
+                embeds, positions = as_one_row(embeds, positions)
             hidden, _ = self.backbone(embeds, use_cache=False, position_ids=positions)
             hidden = hidden.reshape(input_ids.shape[0], n - 1, -1)
         predicting = hidden
