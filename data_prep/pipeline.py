@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import shlex
 import shutil
+import signal
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -165,7 +166,14 @@ def _finished(cfg: PrepConfig, chunk: int) -> dict | None:
 def _pool(workers: int):
     if workers <= 1:
         return None
-    return mp.get_context("spawn").Pool(workers, initializer=shards.init_worker)
+    # Workers must ignore Ctrl-C from their first instruction (the main process stops the pool): an
+    # ignored signal survives exec, whereas `init_worker` runs only after the worker's imports, and a
+    # Ctrl-C during a slow start printed a KeyboardInterrupt traceback from the worker.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return mp.get_context("spawn").Pool(workers, initializer=shards.init_worker)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run(cfg: PrepConfig, argv: list[str]) -> dict:
